@@ -1,0 +1,87 @@
+"""Retraining workflow: validate -> split (later issues add train, quantize, evaluate, gate, register).
+
+Thin on purpose: each task is one call into the same ftlib function the CLI and dvc.yaml
+use, and passes paths (never data) to the next task. Nothing heavy is imported at parse
+time -- torch, transformers and great_expectations load inside the tasks -- so the
+scheduler parses this file in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+# The project checkout the tasks work in (the image's working dir in production).
+PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
+
+
+def _path(project_dir: str, p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else Path(project_dir) / path
+
+
+@dag(
+    dag_id="finetune_llama3",
+    description="Validate new instruction data with GX and make a stable DVC split (then train, quantize, evaluate, register).",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=10),
+    },
+    params={
+        "project_dir": Param(PROJECT_DIR, type="string", description="Checkout holding params.yaml and data/."),
+        "params_file": Param("params.yaml", type="string", description="params.yaml, relative to project_dir."),
+        "raw_dir": Param("data/raw", type="string", description="Where new JSONL data lands."),
+        "validated_dir": Param("data/validated", type="string", description="report.json, quarantine.jsonl, Data Docs."),
+        "splits_dir": Param("data/splits", type="string", description="train/validation/test.jsonl."),
+    },
+    tags=["ftlib", "llm", "fine-tuning"],
+    doc_md=__doc__,
+)
+def finetune_llama3():
+    @task
+    def validate(project_dir: str, params_file: str, raw_dir: str, validated_dir: str) -> str:
+        """Great Expectations data contract; a failed validation fails the run."""
+        from airflow.exceptions import AirflowFailException
+
+        from ftlib.config import load_params
+        from ftlib.validate import validate_paths
+
+        out = _path(project_dir, validated_dir)
+        result = validate_paths([_path(project_dir, raw_dir)], load_params(_path(project_dir, params_file)), out)
+        for issue in result.issues:
+            print(issue)
+        if not result.ok:
+            # Not retryable: the data is wrong, trying again changes nothing.
+            raise AirflowFailException(
+                f"{len(result.errors)} validation errors; report: {out / 'report.json'}, "
+                f"Data Docs: {out / 'data_docs' / 'index.html'}, bad rows: {out / 'quarantine.jsonl'}"
+            )
+        return str(out / "report.json")
+
+    @task
+    def split(project_dir: str, params_file: str, raw_dir: str, splits_dir: str, report: str) -> dict[str, str]:
+        """Stable hash split into train/validation/test (paths go to the next task)."""
+        from ftlib.config import load_params
+        from ftlib.split import SPLITS, split_paths
+
+        out = _path(project_dir, splits_dir)
+        result = split_paths([_path(project_dir, raw_dir)], load_params(_path(project_dir, params_file)), out)
+        print(f"split counts: {result.counts} per label: {result.per_label} (validated: {report})")
+        return {s: str(out / f"{s}.jsonl") for s in SPLITS}
+
+    report = validate("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.validated_dir }}")
+    split("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.splits_dir }}", report)
+
+
+finetune_llama3()

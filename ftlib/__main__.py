@@ -1,0 +1,3 @@
+from ftlib.cli import run
+
+run()

