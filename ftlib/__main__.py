@@ -1,3 +1,3 @@
-from ftlib.cli import run
+from ftlib.cli import entrypoint
 
-run()
+entrypoint()

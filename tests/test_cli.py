@@ -1,0 +1,53 @@
+"""The CLI contract: exit codes 0/1/2, FILE:LINE: RULE: messages, --help with examples, --version."""
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from ftlib import __version__
+from ftlib.cli import app
+from tests.conftest import balanced, write_jsonl
+
+runner = CliRunner()
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"ftlib {__version__}"
+
+
+@pytest.mark.parametrize("cmd", ["validate", "split", "run"])
+def test_help_has_examples(cmd):
+    r = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "Examples" in r.output and f"ftlib {cmd}" in r.output
+
+
+def test_validate_exit_codes_and_messages(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", balanced(3))
+    r = runner.invoke(app, ["validate", str(good), "--report-dir", str(tmp_path / "out"), "-o", "validate.data_docs=false"])
+    assert r.exit_code == 0, r.output
+    assert "valid: 9 usable examples" in r.output and (tmp_path / "out" / "report.json").is_file()
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", balanced(3) + ["[1, 2]", {"instruction": "Clasifica", "output": "MEH"}])
+    r = runner.invoke(app, ["validate", str(bad), "--no-report"])
+    assert r.exit_code == 1
+    lines = [l for l in r.output.splitlines() if l.startswith(str(bad))]
+    assert re.fullmatch(rf"{re.escape(str(bad))}:10: not-object: .+", lines[0])
+    assert any(re.fullmatch(rf"{re.escape(str(bad))}:11: label: .+", l) for l in lines)
+    assert "INVALID" in r.output and not (tmp_path / "data").exists()
+
+    r = runner.invoke(app, ["validate", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "no such file" in r.output
+    r = runner.invoke(app, ["validate", str(good), "-o", "split.train=2"])
+    assert r.exit_code == 2
+
+
+def test_split_cli_prints_counts_and_refuses_bad_data(tmp_path):
+    good = write_jsonl(tmp_path / "raw" / "good.jsonl", balanced(20))
+    r = runner.invoke(app, ["split", str(good), "--out-dir", str(tmp_path / "s")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "train.jsonl" in r.output and "POSITIVO" in r.output and "60" in r.output
+    bad = write_jsonl(tmp_path / "bad.jsonl", balanced(2) + [b"\xff\xfe"])
+    r = runner.invoke(app, ["split", str(bad), "--out-dir", str(tmp_path / "s2")])
+    assert r.exit_code == 1 and f"{bad}:7: encoding:" in r.output and not (tmp_path / "s2").exists()

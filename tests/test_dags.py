@@ -1,0 +1,67 @@
+"""The Airflow DAG: parses with no import errors and no heavy imports, and runs with SQLite."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, balanced, write_jsonl
+
+DAGS = REPO / "dags"
+
+
+def airflow_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_dag_file_imports_nothing_heavy_at_parse_time(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, runpy
+        runpy.run_path({str(DAGS / 'finetune_llama3.py')!r})
+        heavy = [m for m in ("torch", "transformers", "great_expectations", "trl", "peft", "mlflow") if m in sys.modules]
+        print(heavy)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=airflow_env(tmp_path / "af"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_dagbag_and_dag_test_on_sqlite(tmp_path):
+    home = tmp_path / "af"
+    env = airflow_env(home)
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    good = write_jsonl(tmp_path / "good" / "d.jsonl", balanced(10))
+    bad = write_jsonl(tmp_path / "bad" / "d.jsonl", balanced(3) + ['{"instruction": "x", "output": 5}'])
+    script = textwrap.dedent(f"""
+        import json, sys
+        from airflow.dag_processing.dagbag import DagBag
+        bag = DagBag(dag_folder={str(DAGS)!r})
+        dag = bag.dags["finetune_llama3"]
+        out = {{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dags),
+               "tasks": [t.task_id for t in dag.tasks], "max_active_runs": dag.max_active_runs}}
+        for name, raw in (("good", {str(good.parent)!r}), ("bad", {str(bad.parent)!r})):
+            run = dag.test(run_conf={{"raw_dir": raw, "validated_dir": raw + "/../out_" + name + "/validated",
+                                     "splits_dir": raw + "/../out_" + name + "/splits"}})
+            out[name] = {{"state": str(run.state), "tis": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}
+        print("RESULT " + json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    assert out["errors"] == {} and "finetune_llama3" in out["dags"]
+    assert out["tasks"] == ["validate", "split"] and out["max_active_runs"] == 1
+    assert out["good"]["state"] == "success"
+    assert out["good"]["tis"] == {"validate": "success", "split": "success"}
+    splits = tmp_path / "out_good" / "splits"
+    assert sum(len((splits / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "validation", "test")) == 30
+    assert out["bad"]["state"] == "failed"
+    assert out["bad"]["tis"]["validate"] == "failed" and out["bad"]["tis"]["split"] == "upstream_failed"
+    assert not (tmp_path / "out_bad" / "splits").exists()

