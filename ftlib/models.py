@@ -119,10 +119,22 @@ def resolve(model: str) -> str:
     raise ModelError(f"{model}: no such directory, not a hub id (org/name) and not embedded:<name>")
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
+def load_tokenizer(model: str, trust_remote_code: bool = False, light: bool = False) -> Any:
+    """The model's tokenizer (with its chat template).
 
-    tok = AutoTokenizer.from_pretrained(resolve(model), trust_remote_code=trust_remote_code)
+    light=True loads tokenizer.json straight into a fast tokenizer without importing
+    torch (0.7 s instead of 3 s): enough for rendering templates and counting tokens,
+    which is all validation needs. Training and inference use the full AutoTokenizer.
+    """
+    path = resolve(model)
+    if light and not trust_remote_code and (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

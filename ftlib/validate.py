@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftlib.config import Params
-from ftlib.formats import ROLES, Issue, Row, read_rows, render, to_example, write_jsonl
+from ftlib.formats import ROLES, Issue, Row, read_rows, render, render_texts, to_example, write_jsonl
 
 
 class UsageError(ValueError):
@@ -246,29 +246,32 @@ class _GX:
 
 def _count_tokens(rows: list[Row], params: Params, tokenizer: Any, on_progress: Callable[[int], None]) -> tuple[dict[int, int], list[Issue]]:
     """Token length of each structurally valid row after templating (what training sees)."""
-    texts, index, issues = [], [], []
+    examples, index, issues = [], [], []
     for idx, r in enumerate(rows):
         ex = to_example(r)
         if ex is None or ex.messages[-1]["role"] != "assistant":
             continue
-        try:
-            prompt, completion = render(ex, tokenizer, params.template)
-        except Exception as e:  # a template that cannot render this example
-            issues.append(Issue(r.file, r.line, "template", str(e).split(": ")[-1]))
-            continue
-        texts.append(prompt + completion)
+        if params.template == "alpaca":
+            try:
+                render(ex, tokenizer, "alpaca")
+            except ValueError as e:  # multi-turn chat under the alpaca template
+                issues.append(Issue(r.file, r.line, "template", str(e).split(": ")[-1]))
+                continue
+        examples.append(ex)
         index.append(idx)
-        if len(texts) % 5000 == 0:
-            on_progress(5000)
-    on_progress(len(texts) % 5000)
     fast = getattr(tokenizer, "_tokenizer", None)
-    counts: list[int] = []
-    for start in range(0, len(texts), 10_000):
-        chunk = texts[start:start + 10_000]
+
+    def encode(texts: list[str]) -> list[int]:
         if fast is not None and hasattr(fast, "encode_batch_fast"):
-            counts += [len(e.ids) for e in fast.encode_batch_fast(chunk, add_special_tokens=False)]
-        else:
-            counts += [len(ids) for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+            return [len(e.ids) for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    counts: list[int] = []
+    step = 10_000
+    for start in range(0, len(examples), step):
+        texts = render_texts(examples[start:start + step], tokenizer, params.template)
+        counts += encode(texts)
+        on_progress(len(texts))
     return dict(zip(index, counts)), issues
 
 
@@ -298,7 +301,7 @@ def validate_paths(
     if tokenizer is None and rows:
         from ftlib.models import load_tokenizer
 
-        tokenizer = load_tokenizer(params.base_model, params.trust_remote_code)
+        tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, light=True)
     counts, template_issues = _count_tokens(rows, params, tokenizer, lambda n: tick("tokens", n, len(rows))) if rows else ({}, [])
     issues += template_issues
 

@@ -104,3 +104,15 @@ def to_example_from(obj):
     ex = to_example(Row("mem.jsonl", 1, obj, detect_format(obj)))
     assert ex is not None
     return ex
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_batch_render_equals_render_on_all_sample_sets(tokenizer, template):
+    from ftlib.formats import render_texts
+    from tests.conftest import REPO
+
+    for name in ("raw/sentiment.jsonl", "samples/support_chat.jsonl", "samples/python_code.jsonl"):
+        examples = read_examples(REPO / "data" / name)
+        if template == "alpaca":
+            examples = [e for e in examples if len(e.messages) <= 3]
+        assert render_texts(examples, tokenizer, template) == ["".join(render(e, tokenizer, template)) for e in examples]

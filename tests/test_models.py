@@ -41,3 +41,17 @@ def test_embedded_model_generates_an_answer_that_ends_at_eos():
     assert new[-1] == tok.eos_token_id, "greedy answer must stop at EOS within the budget"
     answer = tok.decode(new, skip_special_tokens=True).strip()
     assert answer and "paris" in answer.lower()
+
+
+def test_light_tokenizer_counts_and_renders_like_the_full_one():
+    from ftlib.formats import read_examples, render_texts
+    from ftlib.models import load_tokenizer
+    from tests.conftest import REPO
+
+    full, light = load_tokenizer("embedded:smollm2-135m-instruct"), load_tokenizer("embedded:smollm2-135m-instruct", light=True)
+    examples = read_examples(REPO / "data" / "samples" / "support_chat.jsonl")
+    texts = render_texts(examples, full)
+    assert texts == render_texts(examples, light)
+    assert [len(x) for x in full(texts, add_special_tokens=False)["input_ids"]] == \
+        [len(x) for x in light(texts, add_special_tokens=False)["input_ids"]]
+    assert (light.eos_token, light.pad_token) == (full.eos_token, full.pad_token)
