@@ -77,17 +77,19 @@ def _print_issues(result) -> None:
 
 
 def _summary(result) -> Table:
+    from collections import Counter
+
     table = Table(title="validation summary")
     for col in ("file", "lines", "valid", "errors", "warnings"):
         table.add_column(col, justify="left" if col == "file" else "right")
     bad = result.bad_lines()
+    rows = Counter(r.file for r in result.rows)
+    valid = Counter(r.file for r in result.rows if (r.file, r.line) not in bad)
+    parsed = {(r.file, r.line) for r in result.rows}
+    unparsed = Counter(f for f, line in {(i.file, i.line) for i in result.issues if i.line > 0} if (f, line) not in parsed)
+    sev = Counter((i.file, i.severity) for i in result.issues)
     for f in result.files:
-        issues = [i for i in result.issues if i.file == f]
-        rows = [r for r in result.rows if r.file == f]
-        lines = len(rows) + len({i.line for i in issues if i.line > 0 and all(r.line != i.line for r in rows)})
-        valid = sum(1 for r in rows if (r.file, r.line) not in bad)
-        table.add_row(f, str(lines), str(valid), str(sum(i.severity == "error" for i in issues)),
-                      str(sum(i.severity == "warning" for i in issues)))
+        table.add_row(f, str(rows[f] + unparsed[f]), str(valid[f]), str(sev[(f, "error")]), str(sev[(f, "warning")]))
     return table
 
 

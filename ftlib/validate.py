@@ -132,7 +132,7 @@ def _chat_problems(msgs: Any) -> dict[str, str | None]:
     return out
 
 
-def _frame(rows: list[Row], fmt: str, params: Params, token_counts: dict[int, int]) -> Any:
+def _frame(rows: list[Row], fmt: str, token_counts: dict[int, int]) -> Any:
     """One DataFrame row per parsed row, with the derived columns the suite checks."""
     import pandas as pd
 
@@ -314,7 +314,7 @@ def validate_paths(
     gxr = _GX(docs_dir) if rows or docs_dir else None
     label_counts: Counter[str] = Counter()
     for fmt in ("alpaca", "chat"):
-        df = _frame(rows, fmt, params, counts)
+        df = _frame(rows, fmt, counts)
         if not len(df):
             continue
         rules = _expectations(fmt, params)
