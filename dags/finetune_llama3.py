@@ -1,4 +1,4 @@
-"""Retraining workflow: validate -> split (later issues add train, quantize, evaluate, gate, register).
+"""Retraining workflow: validate -> split -> train (later issues add quantize, evaluate, gate, register).
 
 Thin on purpose: each task is one call into the same ftlib function the CLI and dvc.yaml
 use, and passes paths (never data) to the next task. Nothing heavy is imported at parse
@@ -9,6 +9,8 @@ scheduler parses this file in milliseconds.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def _path(project_dir: str, p: str) -> Path:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    render_template_as_native_obj=True,  # the `overrides` list reaches the task as a list
     default_args={
         "owner": "ml-platform",
         "retries": 2,
@@ -44,6 +47,9 @@ def _path(project_dir: str, p: str) -> Path:
         "raw_dir": Param("data/raw", type="string", description="Where new JSONL data lands."),
         "validated_dir": Param("data/validated", type="string", description="report.json, quarantine.jsonl, Data Docs."),
         "splits_dir": Param("data/splits", type="string", description="train/validation/test.jsonl."),
+        "reports_dir": Param("reports", type="string", description="train_loss.csv, train_metrics.json."),
+        "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z_.]+=.*$"},
+                           description="params.yaml overrides for this run, e.g. train.method=lora."),
     },
     tags=["ftlib", "llm", "fine-tuning"],
     doc_md=__doc__,
@@ -80,8 +86,22 @@ def finetune_llama3():
         print(f"split counts: {result.counts} per label: {result.per_label} (validated: {report})")
         return {s: str(out / f"{s}.jsonl") for s in SPLITS}
 
+    @task
+    def train(project_dir: str, params_file: str, splits: dict[str, str], reports_dir: str, overrides: list[str]) -> str:
+        """`ftlib train` in a subprocess: a killed or retried attempt resumes from its last checkpoint."""
+        from ftlib.config import load_params
+
+        params_path = _path(project_dir, params_file)
+        cmd = [sys.executable, "-m", "ftlib", "train", "--data-dir", str(Path(splits["train"]).parent),
+               "--reports-dir", str(_path(project_dir, reports_dir)), "-p", str(params_path)]
+        for o in overrides:
+            cmd += ["-o", o]
+        subprocess.run(cmd, cwd=project_dir, check=True)
+        return str(_path(project_dir, load_params(params_path, overrides).train.output_dir))
+
     report = validate("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.validated_dir }}")
-    split("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.splits_dir }}", report)
+    splits = split("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.splits_dir }}", report)
+    train("{{ params.project_dir }}", "{{ params.params_file }}", splits, "{{ params.reports_dir }}", "{{ params.overrides }}")
 
 
 finetune_llama3()

@@ -210,6 +210,209 @@ def split(
         out.print(f"wrote {Path(result.out_dir) / f'{s}.jsonl'}")
 
 
+def _compare_on_test(params, data_dir: Path, adapter: str, progress) -> dict:
+    """Test-split accuracy of the base model and of the fine-tuned one (classification data)."""
+    from ftlib.formats import read_examples
+    from ftlib.generate import classification_accuracy
+    from ftlib.models import load_model
+
+    test = read_examples(data_dir / "test.jsonl")
+    scores = {}
+    for name, spec in (("base", params.base_model), ("fine-tuned", adapter)):
+        model, tok = load_model(spec)
+        scores[name] = classification_accuracy(model, tok, test, params.data.labels, params.template, progress=progress)
+        del model
+    return scores
+
+
+@app.command()
+def train(
+    data_dir: Path = typer.Option(Path("data/splits"), "--data-dir", help="Holds train.jsonl and validation.jsonl (and test.jsonl for --compare)."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="After training, score base and fine-tuned models on test.jsonl (classification data)."),
+    reports_dir: Path = typer.Option(Path("reports"), "--reports-dir", help="Where train_loss.csv and train_metrics.json go."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Fine-tune the base model on train.jsonl with TRL's SFTTrainer (QLoRA by default); write models/adapter/.
+
+    Rerunning with the same data and params resumes from the newest checkpoint. Loss is taken on the answers only; evaluation on validation.jsonl every train.eval_steps with early stopping. Params, losses, throughput and memory go to MLflow (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI is set).
+
+    [b]Examples[/]
+
+      ftlib train
+
+      ftlib train -o train.method=lora -o train.lora_r=32 -o train.use_rslora=true
+
+      ftlib train -o train.method=full -o train.learning_rate=2e-5
+
+      ftlib train -o train.max_steps=60 -o train.lr_scheduler_type=cosine --no-compare
+    """
+    import json as _json
+
+    from ftlib.train import train as run_train
+
+    params = _params(params_file, overrides)
+    try:
+        result = run_train(params, data_dir, reports_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2 if isinstance(e, FileNotFoundError) else 1)
+    metrics = {"method": params.train.method, "global_step": result.global_step, "train_examples_per_s": round(result.examples_per_s, 3),
+               "train_seconds": round(result.seconds, 1), "eval_loss": result.metrics.get("eval_loss"),
+               "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id}
+    table = Table(title=f"trained -> {result.output_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if compare and params.data.task == "classification" and (data_dir / "test.jsonl").is_file():
+        with _progress() as tick:
+            scores = _compare_on_test(params, data_dir, result.output_dir, lambda n: tick("scoring test split", n, 2 * _count_lines(data_dir / "test.jsonl")))
+        metrics |= {"base_test_accuracy": round(scores["base"]["accuracy"], 4), "test_accuracy": round(scores["fine-tuned"]["accuracy"], 4),
+                    "test_n": scores["base"]["n"], "base_off_label": scores["base"]["off_label"], "off_label": scores["fine-tuned"]["off_label"]}
+        import mlflow
+
+        if result.mlflow_run_id:
+            with mlflow.start_run(run_id=result.mlflow_run_id):
+                mlflow.log_metrics({k: metrics[k] for k in ("base_test_accuracy", "test_accuracy")})
+    for k, v in metrics.items():
+        if v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    if result.resumed_from:
+        table.add_row("resumed from", result.resumed_from)
+    for b in result.oom_backoffs:
+        table.add_row("OOM back-off", f"batch {b['from_batch']}x{b['from_accum']} -> {b['to_batch']}x{b['to_accum']}")
+    out.print(table)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "train_metrics.json").write_text(_json.dumps(metrics, indent=2) + "\n")
+    if "test_accuracy" in metrics:
+        out.print(f"test accuracy: base {metrics['base_test_accuracy']:.3f} -> fine-tuned {metrics['test_accuracy']:.3f} (n={metrics['test_n']})")
+    out.print(f"wrote {result.output_dir}/, {reports_dir / 'train_loss.csv'}, {reports_dir / 'train_metrics.json'}")
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.open(encoding="utf-8") if line.strip())
+
+
+@app.command()
+def generate(
+    instruction: str = typer.Argument(..., help="The instruction (alpaca) or the user message (chat)."),
+    input_text: str = typer.Option("", "--input", "-i", help="Optional input/context (alpaca `input`)."),
+    model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter/merged dir, HF dir, hub id or embedded:smollm2-135m-instruct."),
+    system: Optional[str] = typer.Option(None, "--system", help="Optional system message."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Answer one request with a model; the prompt is built exactly as in training. Stops at EOS.
+
+    [b]Examples[/]
+
+      ftlib generate "Clasifica el sentimiento" --input "Este producto superó todas mis expectativas!"
+
+      ftlib generate --model embedded:smollm2-135m-instruct "Explain LoRA in one sentence" -t 0.7 --top-p 0.9
+
+      ftlib generate -m models/merged "¿Cómo creo una lista en Python?" --max-new-tokens 128
+    """
+    from transformers import TextStreamer
+
+    from ftlib.generate import generate as run_generate
+    from ftlib.generate import user_messages
+    from ftlib.models import ModelError, load_model, template_of
+
+    params = _params(params_file, overrides)
+    try:
+        m, tok = load_model(model, trust_remote_code=params.trust_remote_code)
+    except (ModelError, OSError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    answer = run_generate(m, tok, [user_messages(instruction, input_text, system)], template_of(model, params.template),
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=1, streamer=streamer)[0]
+    if not stream:
+        out.print(answer, markup=False)
+
+
+@app.command()
+def merge(
+    model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter directory written by `ftlib train`."),
+    out_dir: Path = typer.Option(Path("models/merged"), "--out", help="Where the merged safetensors go."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16 or float32."),
+) -> None:
+    """Merge a LoRA adapter into its base model and save safetensors (for GGUF export and serving).
+
+    [b]Examples[/]
+
+      ftlib merge
+
+      ftlib merge --model models/adapter --out models/merged --dtype bfloat16
+    """
+    from ftlib.merge import merge_adapter
+
+    try:
+        path = merge_adapter(model, out_dir, dtype)
+    except ValueError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    out.print(f"wrote {path}/ ({sum(p.stat().st_size for p in path.glob('*.safetensors')) / 2**20:,.1f} MiB safetensors, {dtype})")
+
+
+@app.command()
+def prune(
+    model: str = typer.Option("models/merged", "--model", "-m", help="Any --model form; adapters are merged first."),
+    amount: float = typer.Option(0.3, "--amount", help="Share of weights to zero in each linear layer (course notes: 0.3)."),
+    out_dir: Path = typer.Option(Path("models/pruned"), "--out"),
+) -> None:
+    """L1 unstructured pruning of the decoder's linear layers (course notes 5.2); reports sparsity.
+
+    [b]Examples[/]
+
+      ftlib prune --amount 0.3
+
+      ftlib prune -m embedded:smollm2-135m-instruct --amount 0.5 --out /tmp/pruned
+    """
+    from ftlib.models import ModelError
+    from ftlib.prune import prune_model
+
+    try:
+        r = prune_model(model, amount, out_dir)
+    except (ValueError, ModelError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    out.print(f"pruned {r.layers} linear layers by {r.amount:.0%}: sparsity {r.sparsity:.3f} in those layers, "
+              f"{r.total_sparsity:.3f} of all parameters -> {r.out_dir}/")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option("models/adapter", "--teacher", help="The model to imitate (any --model form)."),
+    student: str = typer.Option("embedded:smollm2-135m-instruct", "--student", help="The model to train (any --model form)."),
+    student_layers: int = typer.Option(0, "--student-layers", help="Keep only the first N decoder layers of the student (0 = all)."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Softmax temperature of the KD loss (course notes: 2.0)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the soft (KL) term; 1 - alpha goes to the hard CE term."),
+    max_steps: int = typer.Option(-1, "--max-steps", help="-1 = train.num_train_epochs over train.jsonl."),
+    data_dir: Path = typer.Option(Path("data/splits"), "--data-dir"),
+    out_dir: Path = typer.Option(Path("models/distilled"), "--out"),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Knowledge distillation (course notes 5.3): student learns the teacher's soft labels plus the true answers.
+
+    [b]Examples[/]
+
+      ftlib distill --teacher models/adapter --student embedded:smollm2-135m-instruct --student-layers 15
+
+      ftlib distill --teacher models/merged --student /models/small --temperature 2 --alpha 0.5 --max-steps 200
+    """
+    from ftlib.distill import distill as run_distill
+
+    params = _params(params_file, overrides)
+    r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
+    out.print(f"distilled {r.teacher_params / 1e6:.1f}M -> {r.student_params / 1e6:.1f}M parameters in {r.global_step} steps "
+              f"(final loss {r.final_loss:.3f}) -> {r.out_dir}/")
+
+
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),
@@ -252,6 +455,14 @@ def run_pipeline(
             size = sum(p.stat().st_size for p in files)
             table.add_row(name, str(path) + ("/" if path.is_dir() else ""), f"{size / 1024:,.1f} KiB" if files else "missing")
     out.print(table)
+    metrics = Path("reports/train_metrics.json")
+    if metrics.is_file():
+        import json
+
+        m = json.loads(metrics.read_text())
+        if "test_accuracy" in m:
+            out.print(f"test accuracy (n={m['test_n']}): base model {m['base_test_accuracy']:.3f} -> fine-tuned {m['test_accuracy']:.3f}")
+    out.print("see also: dvc metrics show | dvc plots show | mlflow ui --backend-store-uri sqlite:///mlflow.db")
 
 
 def entrypoint() -> None:

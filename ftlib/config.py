@@ -59,6 +59,75 @@ class SplitConfig:
     """Salt of the content hash that assigns an example to a split."""
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["qlora", "lora", "full", "prompt_tuning"] = "qlora"
+    """qlora: 4-bit NF4 base + LoRA (default); lora: full-precision base + LoRA; full: every weight; prompt_tuning: soft prompt only."""
+    backend: Literal["auto", "transformers", "unsloth"] = "auto"
+    """auto: Unsloth when installed and a CUDA GPU is present, else transformers."""
+    lora_r: int = 16
+    """LoRA rank (course notes: r=16)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (course notes: 16)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path (course notes: 0)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers that get LoRA adapters (course notes: all attention and MLP projections)."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA scaling alpha/sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    num_virtual_tokens: int = 20
+    """Soft-prompt length for prompt_tuning."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (course notes: 2e-4; use ~2e-5 for full fine-tuning)."""
+    lr_scheduler_type: str = "linear"
+    """linear (course notes) or cosine (slow convergence, notes 8.3)."""
+    warmup_steps: int = 5
+    """Linear warmup steps (course notes: 5)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (course notes: 0.01)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping (notes 8.3)."""
+    seed: int = 3407
+    """Random seed for init, shuffling and dropout (course notes: 3407)."""
+    num_train_epochs: float = 1.0
+    """Passes over train.jsonl (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = use num_train_epochs."""
+    per_device_train_batch_size: int = 16
+    """Micro-batch size; halved automatically on out-of-memory."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; doubled automatically on out-of-memory."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: less memory, measured no slower on this CPU."""
+    bf16: Literal["auto", "true", "false"] = "auto"
+    """bf16 autocast: auto = on for CUDA with bf16 and CPUs with AMX/AVX512-BF16."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding) when packing is not possible."""
+    packing: Literal["auto", "true", "false"] = "auto"
+    """Padding-free batching: auto = on only with FlashAttention on CUDA, where it is exact."""
+    eval_steps: int = 20
+    """Evaluate on validation.jsonl every N steps (0 = only at the end)."""
+    save_steps: int = 20
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int = 2
+    """Checkpoints kept (the best one is always kept when load_best_model_at_end)."""
+    early_stopping_patience: int = 3
+    """Stop after N evaluations without eval-loss improvement (0 = off; notes 8.2)."""
+    load_best_model_at_end: bool = True
+    """Keep the checkpoint with the lowest eval loss, not the last one (notes 8.2)."""
+    logging_steps: int = 1
+    """Log loss, learning rate, throughput and memory every N steps."""
+    output_dir: str = "models/adapter"
+    """Where the fine-tuned adapter (or full model), tokenizer and train config go."""
+    checkpoint_dir: str = "models/checkpoints"
+    """Where resumable checkpoints go, one folder per data+params hash (kept across dvc repro)."""
+
+
 @dataclass
 class Params:
     base_model: str = "embedded:smollm2-135m-instruct"
@@ -72,6 +141,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _coerce(value: str, current: Any) -> Any:
@@ -79,6 +149,11 @@ def _coerce(value: str, current: Any) -> Any:
     parsed = yaml.safe_load(value) if value != "" else ""
     if isinstance(current, list) and isinstance(parsed, str):
         return [v.strip() for v in parsed.split(",") if v.strip()]
+    if isinstance(current, float) and isinstance(parsed, (int, str)) and not isinstance(parsed, bool):
+        try:
+            return float(parsed)  # YAML reads "5e-3" (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"expected a number, got {value!r}") from None
     return parsed
 
 
@@ -94,6 +169,11 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping, got {value!r}")
             value = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value = float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
+            except ValueError:
+                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}") from None
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -109,6 +189,15 @@ def _check(p: Params) -> None:
         raise ConfigError(f"template: must be 'chat' or 'alpaca', got {p.template!r}")
     if p.data.task not in ("classification", "generation"):
         raise ConfigError(f"data.task: must be 'classification' or 'generation', got {p.data.task!r}")
+    if p.train.method not in ("qlora", "lora", "full", "prompt_tuning"):
+        raise ConfigError(f"train.method: one of qlora, lora, full, prompt_tuning; got {p.train.method!r}")
+    if p.train.backend not in ("auto", "transformers", "unsloth"):
+        raise ConfigError(f"train.backend: one of auto, transformers, unsloth; got {p.train.backend!r}")
+    for name in ("bf16", "packing"):
+        value = str(getattr(p.train, name)).lower()
+        if value not in ("auto", "true", "false"):
+            raise ConfigError(f"train.{name}: auto, true or false; got {getattr(p.train, name)!r}")
+        setattr(p.train, name, value)
     if p.data.task == "classification" and not p.data.labels:
         raise ConfigError("data.labels: a classification dataset needs a declared label set")
 

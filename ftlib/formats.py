@@ -264,3 +264,27 @@ def write_jsonl(path: Path, objects: list[dict[str, Any]]) -> None:
         for obj in objects:
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------
+# Token ids: the same encoding for training (prompt + completion) and inference (prompt).
+
+def encode_prompt(prompt: str, tokenizer: Any, template: str = "chat") -> list[int]:
+    """Prompt ids. A chat template writes its own BOS into the text; the alpaca prompt
+    gets the tokenizer's usual special tokens (BOS for Llama)."""
+    return tokenizer(prompt, add_special_tokens=(template == "alpaca"))["input_ids"]
+
+
+def encode_example(example: Example, tokenizer: Any, template: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids + completion_mask (1 = supervised) for one example.
+
+    The completion always ends with EOS so the model learns to stop; whatever a chat
+    template writes after the end-of-turn token (ChatML's trailing newline) is dropped.
+    """
+    prompt, completion = render(example, tokenizer, template)
+    p = encode_prompt(prompt, tokenizer, template)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    c = c[: c.index(eos) + 1] if eos in c else c + [eos]
+    ids, mask = (p + c)[:max_length], ([0] * len(p) + [1] * len(c))[:max_length]
+    return {"input_ids": ids, "completion_mask": mask}

@@ -111,7 +111,7 @@ def resolve(model: str) -> str:
         return str(embedded_dir(model[len(PREFIX):]))
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json", "tokenizer_config.json")):
             raise ModelError(f"{model}: a directory, but not an HF model (no config.json)")
         return str(path)
     if model.count("/") == 1 and not model.startswith((".", "/")):
@@ -140,13 +140,38 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, light: bool = Fa
     return tok
 
 
+def train_info(model: str) -> dict[str, Any] | None:
+    """ftlib_train.json of a directory written by `ftlib train`/`merge`/`prune`/`distill`, else None."""
+    path = Path(model).expanduser() / "ftlib_train.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from safetensors only; pickle weights are refused."""
+    """Load (model, tokenizer) for inference from any --model form, safetensors only.
+
+    A PEFT adapter directory written by `ftlib train` loads its base model (recorded in
+    ftlib_train.json) in full precision and attaches the adapter.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    info = train_info(model)
+    if info is not None and (Path(model) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, _ = load_model(info["base_model"], dtype, trust_remote_code)
+        m = PeftModel.from_pretrained(base, model)
+        m.eval()
+        return m, load_tokenizer(model, trust_remote_code)
     path = resolve(model)
     m = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    m.eval()
     return m, load_tokenizer(model, trust_remote_code)
+
+
+def template_of(model: str, default: str) -> str:
+    """The template a model was trained with (alpaca/chat), else `default`."""
+    info = train_info(model)
+    return info.get("template", default) if info else default

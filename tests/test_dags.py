@@ -33,7 +33,7 @@ def test_dag_file_imports_nothing_heavy_at_parse_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_dagbag_and_dag_test_on_sqlite(tmp_path):
+def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     home = tmp_path / "af"
     env = airflow_env(home)
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
@@ -46,9 +46,13 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path):
         dag = bag.dags["finetune_llama3"]
         out = {{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dags),
                "tasks": [t.task_id for t in dag.tasks], "max_active_runs": dag.max_active_runs}}
+        tmp = {str(tmp_path)!r}
+        overrides = ["base_model={tiny_model}", "train.max_steps=2", "train.eval_steps=0", "train.per_device_train_batch_size=4",
+                     "train.output_dir=" + tmp + "/adapter", "train.checkpoint_dir=" + tmp + "/ckpt"]
         for name, raw in (("good", {str(good.parent)!r}), ("bad", {str(bad.parent)!r})):
             run = dag.test(run_conf={{"raw_dir": raw, "validated_dir": raw + "/../out_" + name + "/validated",
-                                     "splits_dir": raw + "/../out_" + name + "/splits"}})
+                                     "splits_dir": raw + "/../out_" + name + "/splits", "overrides": overrides,
+                                     "reports_dir": tmp + "/reports_" + name}})
             out[name] = {{"state": str(run.state), "tis": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}
         print("RESULT " + json.dumps(out))
     """)
@@ -57,11 +61,13 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path):
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[0][7:])
     assert out["errors"] == {} and "finetune_llama3" in out["dags"]
-    assert out["tasks"] == ["validate", "split"] and out["max_active_runs"] == 1
+    assert out["tasks"] == ["validate", "split", "train"] and out["max_active_runs"] == 1
     assert out["good"]["state"] == "success"
-    assert out["good"]["tis"] == {"validate": "success", "split": "success"}
+    assert out["good"]["tis"] == {"validate": "success", "split": "success", "train": "success"}
+    info = json.loads((tmp_path / "adapter" / "ftlib_train.json").read_text())
+    assert info["global_step"] == 2 and info["base_model"] == tiny_model
     splits = tmp_path / "out_good" / "splits"
     assert sum(len((splits / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "validation", "test")) == 30
     assert out["bad"]["state"] == "failed"
-    assert out["bad"]["tis"]["validate"] == "failed" and out["bad"]["tis"]["split"] == "upstream_failed"
+    assert out["bad"]["tis"] == {"validate": "failed", "split": "upstream_failed", "train": "upstream_failed"}
     assert not (tmp_path / "out_bad" / "splits").exists()

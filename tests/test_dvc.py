@@ -37,27 +37,27 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_repro_noop_dag_and_append(repo: Path):
-    r = sh(repo, "dvc", "repro")
+    r = sh(repo, "dvc", "repro", "split")  # train is covered by tests/test_train.py
     assert "Running stage 'validate'" in r.stdout and "Running stage 'split'" in r.stdout
     counts = {s: len((repo / "data" / "splits" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "validation", "test")}
     assert sum(counts.values()) == 60
     assert (repo / "dvc.lock").is_file() and (repo / "data" / "validated" / "report.json").is_file()
 
-    r = sh(repo, "dvc", "repro")
+    r = sh(repo, "dvc", "repro", "split")  # train is covered by tests/test_train.py
     assert "Running stage" not in r.stdout and "up to date" in r.stdout
 
     dag = sh(repo, "dvc", "dag").stdout
-    assert "validate" in dag and "split" in dag
+    assert "validate" in dag and "split" in dag and "train" in dag
 
     write_jsonl(repo / "data" / "raw" / "more.jsonl", balanced(2, start=500))
-    r = sh(repo, "dvc", "repro")
+    r = sh(repo, "dvc", "repro", "split")  # train is covered by tests/test_train.py
     assert "Running stage 'split'" in r.stdout
     assert sum(len((repo / "data" / "splits" / f"{s}.jsonl").read_text().splitlines()) for s in counts) == 66
 
 
 def test_invalid_data_stops_the_pipeline(repo: Path):
     write_jsonl(repo / "data" / "raw" / "broken.jsonl", ['{"instruction": "x"'])
-    r = sh(repo, "dvc", "repro", check=False)
+    r = sh(repo, "dvc", "repro", "split", check=False)
     assert r.returncode != 0
     assert "broken.jsonl:1: json:" in r.stdout + r.stderr
     assert not (repo / "data" / "splits" / "train.jsonl").exists()

@@ -1,0 +1,500 @@
+"""Stage `train`: supervised fine-tuning with TRL's SFTTrainer.
+
+Methods (params.yaml `train.method`): qlora (4-bit NF4 base, double quantization, LoRA on
+top; the default), lora, full, prompt_tuning. The loop is TRL's; this module only
+decides what to load, how to batch and where to write:
+
+  * supervision: examples are pre-tokenized by ftlib.formats.encode_example into
+    input_ids + completion_mask, so the loss falls on the answer only, every answer ends
+    with EOS, and the prompt text is the one inference builds;
+  * speed: bf16 autocast where the hardware has it, length-grouped batches (or exact
+    padding-free batches with FlashAttention on CUDA), adamw_8bit and Liger on CUDA,
+    Unsloth when asked for (or `backend: auto` on a GPU where it is installed);
+  * resume: checkpoints go to <checkpoint_dir>/<run key>, the key being a hash of the data
+    and every parameter that changes what is learned; rerunning the same command resumes
+    from the newest checkpoint (an Airflow retry after a killed pod does exactly that);
+  * out-of-memory: halve the micro-batch, double accumulation, resume, log it;
+  * tracking: MLflow (params, loss, eval loss, lr, examples/s, tokens/s, peak memory)
+    and reports/train_loss.csv for `dvc plots show`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ftlib.config import Params, as_dict
+from ftlib.formats import encode_example, read_examples
+
+SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    run_key: str
+    global_step: int
+    resumed_from: str | None
+    train_examples: int
+    seconds: float  # wall time of the stage, loading included
+    train_seconds: float  # optimizer steps only (no loading, evaluation or checkpointing)
+    examples_per_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    oom_backoffs: list[dict[str, int]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# Hardware decisions (each one is a param with an "auto" that resolves here)
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls are native, autocast is a speed-up, not an emulation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(setting: str) -> bool:
+    if setting != "auto":
+        return setting == "true"
+    import torch
+
+    return torch.cuda.is_bf16_supported() if has_cuda() else cpu_has_bf16()
+
+
+def use_unsloth(backend: str) -> bool:
+    import importlib.util
+
+    available = importlib.util.find_spec("unsloth") is not None and has_cuda()
+    if backend == "unsloth" and not available:
+        raise RuntimeError("train.backend=unsloth needs a CUDA GPU and `pip install unsloth`; use backend: auto or transformers")
+    return backend == "unsloth" or (backend == "auto" and available)
+
+
+def use_padding_free(setting: str) -> bool:
+    """Padding-free batches flatten a batch into one sequence; only FlashAttention keeps
+    the examples from attending to each other, so anything else would change the loss."""
+    import importlib.util
+
+    exact = has_cuda() and importlib.util.find_spec("flash_attn") is not None
+    if setting == "true" and not exact:
+        raise RuntimeError("train.packing=true needs FlashAttention on CUDA to be exact; use packing: auto")
+    return exact and setting != "false"
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_key(params: Params, data_dir: Path) -> str:
+    """Same data + same learning-relevant params -> same key -> resume instead of restart."""
+    t = as_dict(params)["train"]
+    for cosmetic in ("logging_steps", "output_dir", "checkpoint_dir", "save_total_limit"):
+        t.pop(cosmetic)
+    blob = {
+        "data": {f: file_sha256(data_dir / f) for f in SPLIT_FILES[:2]},
+        "base_model": params.base_model, "template": params.template, "max_seq_length": params.max_seq_length,
+        "train": t,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_dataset(path: Path, tokenizer: Any, params: Params) -> Any:
+    """Pre-tokenized dataset: input_ids, completion_mask (loss on answers only)."""
+    from datasets import Dataset
+
+    rows = [encode_example(e, tokenizer, params.template, params.max_seq_length) for e in read_examples(path)]
+    return Dataset.from_list(rows) if rows else None
+
+
+# ---------------------------------------------------------------------------
+# Model
+
+def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
+    """(model ready for the trainer, tokenizer) for params.train.method."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftlib.models import load_tokenizer, resolve
+
+    cfg = params.train
+    path = resolve(params.base_model)
+    tokenizer = load_tokenizer(params.base_model, params.trust_remote_code)
+    if use_unsloth(cfg.backend):
+        return _load_unsloth(params, path, bf16), tokenizer
+
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": params.trust_remote_code}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if bf16 else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+    else:
+        kwargs["dtype"] = torch.float32  # master weights in fp32; bf16 autocast does the math
+    if use_padding_free(cfg.packing):
+        kwargs["attn_implementation"] = "flash_attention_2"
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+
+    if cfg.method == "full":
+        return model, tokenizer
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.method == "prompt_tuning":
+        peft_config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT, tokenizer_name_or_path=path,
+            prompt_tuning_init_text="Read the request and answer it exactly in the expected format.",
+        )
+    else:
+        peft_config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules), bias="none", use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        )
+    return get_peft_model(model, peft_config), tokenizer
+
+
+def _load_unsloth(params: Params, path: str, bf16: bool) -> Any:  # pragma: no cover - needs a CUDA GPU
+    """The course notes' recommended path (section 4.3) when Unsloth and a GPU are present."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    cfg = params.train
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=path, max_seq_length=params.max_seq_length, load_in_4bit=cfg.method == "qlora",
+        dtype=torch.bfloat16 if bf16 else None, full_finetuning=cfg.method == "full",
+    )
+    if cfg.method in ("qlora", "lora"):
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules), bias="none", use_gradient_checkpointing="unsloth",
+            random_state=cfg.seed, use_rslora=cfg.use_rslora,
+        )
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Trainer
+
+def _callbacks(params: Params, tracker: Tracker, extra: list[Any], has_eval: bool) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    cbs: list[Any] = [tracker]
+    cfg = params.train
+    if has_eval and cfg.eval_steps > 0 and cfg.early_stopping_patience > 0 and cfg.load_best_model_at_end:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
+    return cbs + extra
+
+
+def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: bool, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    cfg = params.train
+    cuda = has_cuda()
+    eval_steps = cfg.eval_steps if has_eval and cfg.eval_steps > 0 else None
+    best = bool(eval_steps) and cfg.load_best_model_at_end
+    # load_best_model_at_end needs a checkpoint at every evaluation
+    save_steps = cfg.save_steps if not best else max(eval_steps, (cfg.save_steps // eval_steps) * eval_steps)
+    padding_free = use_padding_free(cfg.packing)
+    import importlib.util
+
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        run_name=f"train-{ckpt_dir.name}",
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=max(batch, 16),
+        gradient_accumulation_steps=accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=best,
+        metric_for_best_model="eval_loss" if best else None,
+        greater_is_better=False if best else None,
+        bf16=bf16,
+        use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",  # qlora: prepared by PEFT
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim="adamw_8bit" if cuda else "adamw_torch",
+        use_liger_kernel=cuda and importlib.util.find_spec("liger_kernel") is not None,
+        max_length=params.max_seq_length,
+        completion_only_loss=True,
+        padding_free=padding_free,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not padding_free else "random",
+        report_to=["mlflow"],
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+class Tracker(TrainerCallback):
+    """Throughput, peak memory and ftlib params into the MLflow run the Trainer opened."""
+
+    def __init__(self, params: Params, key: str, data_dir: Path):
+        self.params, self.key, self.data_dir = params, key, data_dir
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last = 0
+        self.run_id: str | None = None
+        self.history: list[dict[str, float]] = []  # step, examples_per_s, peak_rss_mb
+        self.train_seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        self.run_id = run.info.run_id
+        flat = {f"ftlib.{k}": v for k, v in _flatten(as_dict(self.params)).items()}
+        existing = set(run.data.params) if run.data.params else set()
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items() if k not in existing})
+        mlflow.set_tags({"ftlib.run_key": self.key, "ftlib.stage": "train", **{
+            f"ftlib.data.{f}": file_sha256(self.data_dir / f)[:16] for f in SPLIT_FILES[:2]}})
+        self.t_last, self.step_last = time.perf_counter(), state.global_step
+
+    def on_evaluate(self, args, state, control, **kw):
+        self.t_last = time.perf_counter()  # throughput counts training time only
+
+    on_save = on_evaluate
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        import mlflow
+
+        now = time.perf_counter()
+        steps = state.global_step - self.step_last
+        if logs is None or "loss" not in logs or steps <= 0:
+            return
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.train_seconds += now - self.t_last
+        metrics = {"examples_per_s": steps * per_step / (now - self.t_last), "peak_rss_mb": peak_rss_mb()}
+        if has_cuda():
+            import torch
+
+            metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        logs.update({k: round(v, 3) for k, v in metrics.items()})  # shown in the progress log
+        self.history.append({"step": state.global_step, **metrics})
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics(metrics, step=state.global_step)
+        self.t_last, self.step_last = now, state.global_step
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def setup_mlflow() -> None:
+    """Local `sqlite:///mlflow.db` unless MLFLOW_TRACKING_URI says otherwise."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "ftlib")
+    os.environ.setdefault("HF_MLFLOW_LOG_ARTIFACTS", "0")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+def last_good_checkpoint(ckpt_dir: Path) -> str | None:
+    """Newest checkpoint that was written completely, else None.
+
+    A process killed while saving leaves a checkpoint without trainer_state.json (the
+    Trainer writes it last) or without weights. Such a directory is renamed to
+    `partial-checkpoint-N` -- kept for inspection, invisible to resume and rotation --
+    and the previous good checkpoint is used.
+    """
+    found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    for ckpt in reversed(found):
+        state = ckpt / "trainer_state.json"
+        weights = list(ckpt.glob("*.safetensors"))
+        try:
+            ok = bool(weights) and json.loads(state.read_text()).get("global_step") is not None
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            return str(ckpt)
+        print(f"skipping incomplete checkpoint {ckpt} (killed while saving?)", flush=True)
+        ckpt.rename(ckpt.with_name("partial-" + ckpt.name))
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str | Path | None = "reports",
+          extra_callbacks: list[Any] | None = None) -> TrainResult:
+    """Fine-tune params.base_model on data_dir/train.jsonl; write params.train.output_dir."""
+    import torch
+    from trl import SFTTrainer
+
+    data_dir = Path(data_dir)
+    cfg = params.train
+    for f in SPLIT_FILES[:2]:
+        if not (data_dir / f).is_file():
+            raise FileNotFoundError(f"{data_dir / f}: missing; run `ftlib split` (or `dvc repro split`) first")
+    torch.manual_seed(cfg.seed)
+    setup_mlflow()
+    key = run_key(params, data_dir)
+    ckpt_dir = Path(cfg.checkpoint_dir) / key
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run_file = ckpt_dir / "mlflow_run_id"
+    if run_file.is_file():  # a retry continues the same MLflow run
+        os.environ["MLFLOW_RUN_ID"] = run_file.read_text().strip()
+    bf16 = use_bf16(cfg.bf16)
+    batch, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    backoffs: list[dict[str, int]] = []
+    first_resume = last_good_checkpoint(ckpt_dir)
+    t0 = time.perf_counter()
+    while True:
+        model, tokenizer = load_for_training(params, bf16)
+        train_ds = build_dataset(data_dir / "train.jsonl", tokenizer, params)
+        if train_ds is None:
+            raise ValueError(f"{data_dir / 'train.jsonl'}: no examples to train on")
+        eval_ds = build_dataset(data_dir / "validation.jsonl", tokenizer, params)
+        tracker = Tracker(params, key, data_dir)
+        trainer = SFTTrainer(
+            model=model, args=sft_config(params, ckpt_dir, batch, accum, bf16, eval_ds is not None),
+            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+            callbacks=_callbacks(params, tracker, extra_callbacks or [], eval_ds is not None),
+        )
+        resume = last_good_checkpoint(ckpt_dir)
+        if resume:
+            print(f"resuming from {resume}", flush=True)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            # Course notes 8.1: smaller micro-batch, more accumulation; the effective batch is unchanged.
+            backoffs.append({"from_batch": batch, "from_accum": accum, "to_batch": batch // 2, "to_accum": accum * 2})
+            print(f"out of memory at batch {batch}: retrying with batch {batch // 2} x accumulation {accum * 2}", flush=True)
+            batch, accum = batch // 2, accum * 2
+            del trainer, model
+            if has_cuda():
+                torch.cuda.empty_cache()
+    seconds = time.perf_counter() - t0
+    if tracker.run_id:
+        run_file.write_text(tracker.run_id)
+
+    final_metrics = {}
+    if eval_ds is not None:
+        final_metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
+    state = trainer.state
+    result = TrainResult(
+        output_dir=cfg.output_dir, run_key=key, global_step=state.global_step, resumed_from=first_resume,
+        train_examples=len(train_ds), seconds=seconds, train_seconds=tracker.train_seconds,
+        examples_per_s=_throughput(tracker.history), metrics=final_metrics,
+        oom_backoffs=backoffs, mlflow_run_id=tracker.run_id,
+    )
+    _save(trainer, tokenizer, params, result, data_dir)
+    if reports_dir is not None:
+        write_loss_csv(state.log_history + tracker.history, Path(reports_dir) / "train_loss.csv")
+    _end_mlflow_run(result)
+    return result
+
+
+def _throughput(history: list[dict[str, float]]) -> float:
+    """Median examples/s over logged steps (robust to the eval pauses)."""
+    rates = sorted(h["examples_per_s"] for h in history)
+    return rates[len(rates) // 2] if rates else 0.0
+
+
+def _save(trainer: Any, tokenizer: Any, params: Params, result: TrainResult, data_dir: Path) -> None:
+    """Write the output directory atomically: the previous model stays until the new one is complete."""
+    import importlib.metadata as md
+
+    out = Path(params.train.output_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    info = {
+        "base_model": params.base_model, "method": params.train.method, "template": params.template,
+        "max_seq_length": params.max_seq_length, "labels": params.data.labels if params.data.task == "classification" else [],
+        "run_key": result.run_key, "global_step": result.global_step, "metrics": result.metrics,
+        "mlflow_run_id": result.mlflow_run_id, "oom_backoffs": result.oom_backoffs,
+        "data": {f: file_sha256(data_dir / f) for f in SPLIT_FILES[:2]},
+        "params": as_dict(params),
+        "versions": {p: md.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
+    }
+    (tmp / "ftlib_train.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def write_loss_csv(history: list[dict[str, Any]], path: Path) -> None:
+    """step, loss, eval_loss, learning_rate: one row per logged step, for `dvc plots show`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows: dict[int, dict[str, Any]] = {}
+    for h in history:
+        step = h.get("step")
+        if step is None:
+            continue
+        row = rows.setdefault(step, {"step": step})
+        for k in ("loss", "eval_loss", "learning_rate", "examples_per_s"):
+            if k in h:
+                row[k] = h[k]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "eval_loss", "learning_rate", "examples_per_s"])
+        w.writeheader()
+        for step in sorted(rows):
+            w.writerow(rows[step])
+
+
+def _end_mlflow_run(result: TrainResult) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({"final_" + k: v for k, v in result.metrics.items()})
+        mlflow.end_run()
+    os.environ.pop("MLFLOW_RUN_ID", None)

@@ -1,0 +1,209 @@
+"""Training on a tiny random Llama: every method learns, masking, resume after SIGKILL, OOM back-off, tracking."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftlib.formats import encode_example, read_examples
+from ftlib.train import build_dataset, run_key, train
+from tests.conftest import REPO, alpaca, make_splits, train_params, write_jsonl
+
+
+def losses(result_dir: Path) -> list[float]:
+    rows = list(csv.DictReader((result_dir / "reports" / "train_loss.csv").open()))
+    return [float(r["loss"]) for r in rows if r["loss"]]
+
+
+# A soft prompt can only steer a random 2-layer model a little: its bar is lower.
+@pytest.mark.parametrize("method, lr, drop", [("qlora", "5e-3", 0.25), ("lora", "5e-3", 0.25), ("full", "1e-3", 0.25),
+                                              ("prompt_tuning", "0.3", 0.05)])
+def test_each_method_learns_a_repeated_batch(tmp_path, tiny_model, method, lr, drop):
+    data = tmp_path / "splits"
+    rows = [alpaca("me encanta, funciona de maravilla", "POSITIVO"), alpaca("se rompió al segundo día", "NEGATIVO"),
+            alpaca("llegó el martes en caja normal", "NEUTRAL"), alpaca("excelente servicio y rapidez", "POSITIVO")]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:2])
+    p = train_params(tiny_model, tmp_path, f"train.method={method}", f"train.learning_rate={lr}", "train.max_steps=12",
+                     "train.lr_scheduler_type=constant")
+    result = train(p, data, tmp_path / "reports")
+    loss = losses(tmp_path)
+    assert result.global_step == 12 and len(loss) == 12
+    assert loss[0] - sum(loss[-3:]) / 3 > drop, loss  # clearly learning, not noise
+    out = Path(p.train.output_dir)
+    info = json.loads((out / "ftlib_train.json").read_text())
+    assert info["method"] == method and info["global_step"] == 12 and info["base_model"] == tiny_model
+    if method == "full":
+        assert (out / "model.safetensors").is_file()
+    else:
+        assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_loss_is_on_the_answer_only_and_ends_with_eos(tmp_path, tokenizer, tiny_model):
+    """The labels TRL's SFTTrainer actually trains on: only 'NEGATIVO<|im_end|>' is supervised."""
+    from trl import SFTTrainer
+
+    from ftlib.formats import render_prompt
+    from ftlib.train import load_for_training, sft_config
+
+    src = REPO / "data" / "raw" / "sentiment.jsonl"
+    ex = read_examples(src)[0]
+    write_jsonl(tmp_path / "one.jsonl", [json.loads(src.read_text(encoding="utf-8").splitlines()[0])])
+    p = train_params(tiny_model, tmp_path, "train.method=lora")
+    model, tok = load_for_training(p, bf16=False)
+    trainer = SFTTrainer(model=model, args=sft_config(p, tmp_path / "ckpt", 1, 1, False, False),
+                         train_dataset=build_dataset(tmp_path / "one.jsonl", tok, p), processing_class=tok)
+    row = trainer.train_dataset[0]
+    labels = row["labels"]
+    supervised = [t for t in labels if t != -100]
+    assert tokenizer.decode(supervised) == ex.output + tokenizer.eos_token
+    assert supervised[-1] == tokenizer.eos_token_id
+    first = labels.index(supervised[0])
+    assert all(t == -100 for t in labels[:first]) and len(supervised) == len(labels) - first
+    # the unsupervised prefix is exactly the prompt inference renders
+    assert tokenizer.decode(row["input_ids"][:first]) == render_prompt(ex.prompt_messages, tokenizer, "chat")
+
+    alp = encode_example(ex, tokenizer, "alpaca", 512)
+    sup = [t for t, m in zip(alp["input_ids"], alp["completion_mask"]) if m]
+    assert tokenizer.decode(sup) == ex.output + tokenizer.eos_token
+
+
+def test_run_key_tracks_data_and_learning_params(tmp_path, tiny_model):
+    data = make_splits(tmp_path / "s")
+    p = train_params(tiny_model, tmp_path)
+    key = run_key(p, data)
+    assert run_key(train_params(tiny_model, tmp_path, "train.logging_steps=5"), data) == key  # cosmetic
+    assert run_key(train_params(tiny_model, tmp_path, "train.lora_r=8"), data) != key
+    write_jsonl(data / "train.jsonl", [alpaca("otro texto distinto", "NEUTRAL")])
+    assert run_key(p, data) != key
+
+
+def test_oom_halves_batch_doubles_accumulation_and_finishes(tmp_path, tiny_model):
+    import torch
+    from transformers import TrainerCallback
+
+    class OOMOnce(TrainerCallback):
+        fired = False
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2 and args.per_device_train_batch_size == 4 and not OOMOnce.fired:
+                OOMOnce.fired = True
+                raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    data = make_splits(tmp_path / "s", n_train=16)
+    p = train_params(tiny_model, tmp_path, "train.method=lora", "train.max_steps=6", "train.save_steps=1")
+    result = train(p, data, tmp_path / "reports", extra_callbacks=[OOMOnce()])
+    assert OOMOnce.fired
+    assert result.oom_backoffs == [{"from_batch": 4, "from_accum": 1, "to_batch": 2, "to_accum": 2}]
+    assert result.global_step == 6
+    info = json.loads((Path(p.train.output_dir) / "ftlib_train.json").read_text())
+    assert info["oom_backoffs"] == result.oom_backoffs
+
+
+def test_tracking_goes_to_mlflow_and_dvc_plots(tmp_path, tiny_model):
+    import mlflow
+
+    data = make_splits(tmp_path / "s")
+    p = train_params(tiny_model, tmp_path, "train.method=lora", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2")
+    result = train(p, data, tmp_path / "reports")
+    run = mlflow.get_run(result.mlflow_run_id)
+    for m in ("loss", "eval_loss", "learning_rate", "examples_per_s", "peak_rss_mb"):
+        assert m in run.data.metrics, (m, sorted(run.data.metrics))
+    assert run.data.params["ftlib.train.method"] == "lora" and run.data.params["ftlib.train.lora_r"] == "16"
+    assert run.data.tags["ftlib.run_key"] == result.run_key
+    history = mlflow.tracking.MlflowClient().get_metric_history(result.mlflow_run_id, "loss")
+    assert [h.step for h in history] == [1, 2, 3, 4]
+    rows = list(csv.DictReader((tmp_path / "reports" / "train_loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[1]["eval_loss"] and rows[3]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_resumes_and_finishes(tmp_path, tiny_model):
+    data = make_splits(tmp_path / "s", n_train=32)
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "ftlib", "train", "--no-compare", "--data-dir", str(data), "--reports-dir", str(tmp_path / "reports"),
+           "-p", str(REPO / "params.yaml"), "-o", f"base_model={tiny_model}", "-o", f"train.output_dir={tmp_path / 'adapter'}",
+           "-o", f"train.checkpoint_dir={ckpt}", "-o", "train.method=lora", "-o", "train.max_steps=40", "-o", "train.save_steps=2",
+           "-o", "train.eval_steps=0", "-o", "train.save_total_limit=3", "-o", "train.per_device_train_batch_size=2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpt.glob("*/checkpoint-6/trainer_state.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "adapter").exists()
+    # the kill may land in the middle of writing the next checkpoint: only complete ones count
+    steps_done = max(int(c.parent.name.split("-")[1]) for c in ckpt.glob("*/checkpoint-*/trainer_state.json"))
+    assert 6 <= steps_done < 40
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resuming from {ckpt}" in rerun.stdout
+    resumed_at = int(rerun.stdout.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
+    assert resumed_at == steps_done
+    info = json.loads((tmp_path / "adapter" / "ftlib_train.json").read_text())
+    assert info["global_step"] == 40
+    logged = [int(r["step"]) for r in csv.DictReader((tmp_path / "reports" / "train_loss.csv").open()) if r["loss"]]
+    assert logged[-1] == 40 and min(logged) <= steps_done + 1
+
+
+def test_build_dataset_masks_prompt_tokens(tmp_path, tokenizer):
+    from ftlib.config import load_params
+
+    f = write_jsonl(tmp_path / "t.jsonl", [alpaca("hola que tal", "POSITIVO")])
+    ds = build_dataset(f, tokenizer, load_params(None))
+    row = ds[0]
+    answer = tokenizer("POSITIVO", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(row["input_ids"]) == len(row["completion_mask"]) and sum(row["completion_mask"]) == len(answer)
+    assert [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m] == answer
+
+
+@pytest.mark.slow
+def test_embedded_model_trains_a_few_qlora_steps(tmp_path):
+    from ftlib.generate import generate, user_messages
+    from ftlib.models import load_model
+
+    data = make_splits(tmp_path / "s", n_train=8, n_val=2)
+    p = train_params("embedded:smollm2-135m-instruct", tmp_path, "train.max_steps=2")
+    assert p.train.method == "qlora"
+    result = train(p, data, tmp_path / "reports")
+    assert result.global_step == 2 and all(l == l for l in losses(tmp_path))  # finite
+    model, tok = load_model(p.train.output_dir)
+    answer = generate(model, tok, [user_messages("Clasifica el sentimiento", "me encanta")], max_new_tokens=8)[0]
+    assert answer
+
+
+def test_speed_settings_do_not_change_what_is_learned(tmp_path, tiny_model):
+    """bf16 autocast, length grouping and gradient checkpointing are speed levers only."""
+    data = make_splits(tmp_path / "s", n_train=16, n_val=8)
+    results = {}
+    for name, flags in {"plain": ["train.bf16=false", "train.group_by_length=false", "train.gradient_checkpointing=false"],
+                        "fast": ["train.bf16=true", "train.group_by_length=true", "train.gradient_checkpointing=true"]}.items():
+        p = train_params(tiny_model, tmp_path / name, "train.method=lora", "train.max_steps=8", "train.learning_rate=5e-3",
+                         "train.eval_steps=8", "train.save_steps=8", *flags)
+        results[name] = train(p, data, tmp_path / name / "reports").metrics["eval_loss"]
+    assert abs(results["plain"] - results["fast"]) < 0.02 * results["plain"], results
+
+
+def test_partial_checkpoint_is_skipped_and_previous_good_one_used(tmp_path):
+    from ftlib.train import last_good_checkpoint
+
+    good, partial, corrupt = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4", tmp_path / "checkpoint-10"
+    for d in (good, partial, corrupt):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+    (good / "trainer_state.json").write_text('{"global_step": 2}')
+    (corrupt / "trainer_state.json").write_text('{"global_st')  # truncated write
+    assert last_good_checkpoint(tmp_path) == str(good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "partial-checkpoint-10", "partial-checkpoint-4"]
+    assert last_good_checkpoint(tmp_path / "nothing-here") is None
