@@ -169,7 +169,8 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "prompt_tuning":
         peft_config = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
@@ -232,7 +233,7 @@ def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: boo
         output_dir=str(ckpt_dir),
         run_name=f"train-{ckpt_dir.name}",
         per_device_train_batch_size=batch,
-        per_device_eval_batch_size=max(batch, 16),
+        per_device_eval_batch_size=batch,
         gradient_accumulation_steps=accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
