@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ftlib-installed
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench bench-train clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "ftlib needs Python 3.11 or 3.12"'
@@ -29,5 +29,9 @@ test: venv
 bench: venv
 	$(BIN)/python benchmarks/validate_throughput.py
 
+# ~15 min on 2 cores; needs data/splits from `make demo`
+bench-train: venv
+	$(BIN)/python benchmarks/train_throughput.py --epochs 1
+
 clean:
-	rm -rf data/validated/quarantine.jsonl data/validated/data_docs data/splits/*.jsonl .pytest_cache
+	rm -rf data/validated/quarantine.jsonl data/validated/data_docs data/splits/*.jsonl .pytest_cache models/checkpoints

@@ -181,12 +181,13 @@ def main() -> None:
 
     a, b, fp = results["baseline"], results["ftlib"], results["footprint"]
     table = Table(title=f"training, {args.epochs:g} epoch(s) on the embedded model")
+    # val loss: (a) averages over the whole sequence, (b) over the answer only; not comparable.
     for col in ("config", "examples/s", "tokens/s", "train s", "peak RSS MB", "val loss", "test acc"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for name, r in (("(a) course notes, fp32, bs 2x4, full loss", a), ("(b) ftlib default", b)):
         table.add_row(name, f"{r['examples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['seconds']:.0f}", f"{r['peak_rss_mb']:.0f}",
                       f"{r['val_loss']:.3f}", f"{r['test_accuracy']:.3f}")
-    Console().print(table)
+    Console(width=130).print(table)
     ratio = b["examples_per_s"] / a["examples_per_s"]
     print(f"ratio b/a examples/s {ratio:.2f}; QLoRA weights {fp['qlora_weights_mb']:.0f} MB vs fp32 {fp['fp32_weights_mb']:.0f} MB "
           f"({fp['qlora_weights_mb'] / fp['fp32_weights_mb']:.0%})")

@@ -406,9 +406,14 @@ def distill(
       ftlib distill --teacher models/merged --student /models/small --temperature 2 --alpha 0.5 --max-steps 200
     """
     from ftlib.distill import distill as run_distill
+    from ftlib.models import ModelError
 
     params = _params(params_file, overrides)
-    r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
+    try:
+        r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
+    except (ModelError, ValueError, FileNotFoundError, OSError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
     out.print(f"distilled {r.teacher_params / 1e6:.1f}M -> {r.student_params / 1e6:.1f}M parameters in {r.global_step} steps "
               f"(final loss {r.final_loss:.3f}) -> {r.out_dir}/")
 

@@ -51,3 +51,13 @@ def test_split_cli_prints_counts_and_refuses_bad_data(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", balanced(2) + [b"\xff\xfe"])
     r = runner.invoke(app, ["split", str(bad), "--out-dir", str(tmp_path / "s2")])
     assert r.exit_code == 1 and f"{bad}:7: encoding:" in r.output and not (tmp_path / "s2").exists()
+
+
+def test_stage_commands_fail_cleanly_on_bad_input(tmp_path):
+    for cmd in (["train", "--data-dir", str(tmp_path / "nope")],
+                ["merge", "--model", str(tmp_path), "--out", str(tmp_path / "m")],
+                ["prune", "--model", str(tmp_path / "missing"), "--amount", "0.3"],
+                ["distill", "--teacher", str(tmp_path / "missing"), "--max-steps", "1"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, (cmd, r.output)
+        assert "error:" in r.output and "Traceback" not in r.output
