@@ -103,7 +103,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; doubled automatically on out-of-memory."""
     gradient_checkpointing: bool = True
-    """Recompute activations in backward: less memory, measured no slower on this CPU."""
+    """Recompute activations in backward: much less memory for ~25% more time."""
+    lm_head_chunk: int = 256
+    """Positions TRL's fused LM head projects through the vocabulary at once (memory lever: 49k-wide rows)."""
     bf16: Literal["auto", "true", "false"] = "auto"
     """bf16 autocast: auto = on for CUDA with bf16 and CPUs with AMX/AVX512-BF16."""
     group_by_length: bool = True

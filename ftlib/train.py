@@ -112,7 +112,7 @@ def file_sha256(path: Path) -> str:
 def run_key(params: Params, data_dir: Path) -> str:
     """Same data + same learning-relevant params -> same key -> resume instead of restart."""
     t = as_dict(params)["train"]
-    for cosmetic in ("logging_steps", "output_dir", "checkpoint_dir", "save_total_limit"):
+    for cosmetic in ("logging_steps", "output_dir", "checkpoint_dir", "save_total_limit", "lm_head_chunk"):
         t.pop(cosmetic)
     blob = {
         "data": {f: file_sha256(data_dir / f) for f in SPLIT_FILES[:2]},
@@ -334,6 +334,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _set_lm_head_chunk(tokens: int) -> None:
+    """TRL's fused LM head computes log-probs in chunks of positions without materializing
+    all logits -- but its chunk (32,768 positions) holds a whole CPU batch, i.e. every
+    (position x 49k vocabulary) row at once. A smaller chunk bounds that memory."""
+    import trl.trainer.utils as trl_utils
+
+    if hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE") and tokens > 0:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = tokens
+
+
 def setup_mlflow() -> None:
     """Local `sqlite:///mlflow.db` unless MLFLOW_TRACKING_URI says otherwise."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
@@ -382,6 +392,7 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         if not (data_dir / f).is_file():
             raise FileNotFoundError(f"{data_dir / f}: missing; run `ftlib split` (or `dvc repro split`) first")
     torch.manual_seed(cfg.seed)
+    _set_lm_head_chunk(cfg.lm_head_chunk)
     setup_mlflow()
     key = run_key(params, data_dir)
     ckpt_dir = Path(cfg.checkpoint_dir) / key

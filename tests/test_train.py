@@ -184,10 +184,11 @@ def test_embedded_model_trains_a_few_qlora_steps(tmp_path):
 
 
 def test_speed_settings_do_not_change_what_is_learned(tmp_path, tiny_model):
-    """bf16 autocast, length grouping and gradient checkpointing are speed levers only."""
+    """bf16 autocast, length grouping, gradient checkpointing and LM-head chunking are speed/memory levers only."""
     data = make_splits(tmp_path / "s", n_train=16, n_val=8)
     results = {}
-    for name, flags in {"plain": ["train.bf16=false", "train.group_by_length=false", "train.gradient_checkpointing=false"],
+    for name, flags in {"plain": ["train.bf16=false", "train.group_by_length=false", "train.gradient_checkpointing=false",
+                                  "train.lm_head_chunk=32768"],
                         "fast": ["train.bf16=true", "train.group_by_length=true", "train.gradient_checkpointing=true"]}.items():
         p = train_params(tiny_model, tmp_path / name, "train.method=lora", "train.max_steps=8", "train.learning_rate=5e-3",
                          "train.eval_steps=8", "train.save_steps=8", *flags)
