@@ -211,17 +211,28 @@ def split(
 
 
 def _compare_on_test(params, data_dir: Path, adapter: str, progress) -> dict:
-    """Test-split accuracy of the base model and of the fine-tuned one (classification data)."""
+    """Test-split accuracy of the base model and of the fine-tuned one (classification data).
+
+    A PEFT adapter carries its base: the base is scored with the adapter switched off,
+    so the model is loaded once.
+    """
     from ftlib.formats import read_examples
     from ftlib.generate import classification_accuracy
     from ftlib.models import load_model
 
     test = read_examples(data_dir / "test.jsonl")
-    scores = {}
-    for name, spec in (("base", params.base_model), ("fine-tuned", adapter)):
-        model, tok = load_model(spec)
-        scores[name] = classification_accuracy(model, tok, test, params.data.labels, params.template, progress=progress)
-        del model
+
+    def score(model, tok):
+        return classification_accuracy(model, tok, test, params.data.labels, params.template, progress=progress)
+
+    tuned, tok = load_model(adapter)
+    scores = {"fine-tuned": score(tuned, tok)}
+    if hasattr(tuned, "disable_adapter"):
+        with tuned.disable_adapter():
+            scores["base"] = score(tuned, tok)
+    else:  # full fine-tuning wrote a whole model
+        del tuned
+        scores["base"] = score(*load_model(params.base_model))
     return scores
 
 

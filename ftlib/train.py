@@ -21,13 +21,11 @@ decides what to load, how to batch and where to write:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
