@@ -307,7 +307,7 @@ def _count_lines(path: Path) -> int:
 def generate(
     instruction: str = typer.Argument(..., help="The instruction (alpaca) or the user message (chat)."),
     input_text: str = typer.Option("", "--input", "-i", help="Optional input/context (alpaca `input`)."),
-    model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter/merged dir, HF dir, hub id or embedded:smollm2-135m-instruct."),
+    model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter/merged/quantized dir, a .gguf file, HF dir, hub id or embedded:smollm2-135m-instruct."),
     system: Optional[str] = typer.Option(None, "--system", help="Optional system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
@@ -325,22 +325,32 @@ def generate(
       ftlib generate --model embedded:smollm2-135m-instruct "Explain LoRA in one sentence" -t 0.7 --top-p 0.9
 
       ftlib generate -m models/merged "¿Cómo creo una lista en Python?" --max-new-tokens 128
-    """
-    from transformers import TextStreamer
 
+      ftlib generate -m models/quantized/model-q4_k_m.gguf "Clasifica el sentimiento" -i "Pésimo servicio"
+    """
+    from ftlib.generate import HFPredictor, load_predictor, user_messages
     from ftlib.generate import generate as run_generate
-    from ftlib.generate import user_messages
-    from ftlib.models import ModelError, load_model, template_of
+    from ftlib.models import ModelError
 
     params = _params(params_file, overrides)
     try:
-        m, tok = load_model(model, trust_remote_code=params.trust_remote_code)
+        predictor = load_predictor(model, params.template)
     except (ModelError, OSError, ValueError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
+    messages = [user_messages(instruction, input_text, system)]
+    if not isinstance(predictor, HFPredictor):  # GGUF on llama.cpp: greedy, printed when done
+        if temperature > 0:
+            err.print("[red]error:[/] GGUF models are served greedily here; use --temperature 0 (or Ollama for sampling)")
+            raise typer.Exit(2)
+        out.print(predictor.generate(messages, max_new_tokens=max_new_tokens)[0].text, markup=False)
+        return
+    from transformers import TextStreamer
+
+    m, tok = predictor.model, predictor.tokenizer
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
-    answer = run_generate(m, tok, [user_messages(instruction, input_text, system)], template_of(model, params.template),
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=1, streamer=streamer)[0]
+    answer = run_generate(m, tok, messages, predictor.template, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, batch_size=1, streamer=streamer)[0]
     if not stream:
         out.print(answer, markup=False)
 
@@ -688,7 +698,7 @@ def benchmark(
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    out.print(table(result))
+    Console(width=max(out.width, 150)).print(table(result))
     if result["ratio"]:
         out.print(f"Q8_0 GGUF decode tokens/s over fp32 transformers: {result['ratio']:.1f}x")
     out.print(f"wrote {json_out}, {json_out.with_suffix('.md')}, {json_out.parent / 'plots' / 'benchmark.png'}")
@@ -743,6 +753,24 @@ def run_pipeline(
         m = json.loads(metrics.read_text())
         if "test_accuracy" in m:
             out.print(f"test accuracy (n={m['test_n']}): base model {m['base_test_accuracy']:.3f} -> fine-tuned {m['test_accuracy']:.3f}")
+    bench = Path("reports/benchmark.json")
+    if bench.is_file():
+        import json
+
+        from ftlib.benchmark import table as bench_table
+
+        result = json.loads(bench.read_text())
+        Console(width=max(out.width, 150)).print(bench_table(result))
+        if result.get("ratio"):
+            out.print(f"Q8_0 GGUF decode tokens/s over fp32 transformers: {result['ratio']:.1f}x")
+    evaluated = Path("reports/metrics.json")
+    if evaluated.is_file():
+        import json
+
+        m = json.loads(evaluated.read_text())
+        keys = [k for k in ("accuracy", "precision", "recall", "f1", "f1_macro", "n") if k in m]
+        out.print("fine-tuned model on the test split (reports/metrics.json): " + ", ".join(
+            f"{k} {m[k]:.3f}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys))
     out.print("see also: dvc metrics show | dvc plots show | mlflow ui --backend-store-uri sqlite:///mlflow.db")
 
 

@@ -166,25 +166,44 @@ class HFPredictor:
 
     def label_logliks(self, conversations: list[list[dict[str, str]]], labels: list[str], batch_size: int = 16,
                       progress: Any = None) -> list[list[float]]:
-        """log p(label + EOS | prompt) for every conversation x label: never off-label, one forward per pair."""
+        """log p(label + EOS | prompt) for every conversation x label: never off-label.
+
+        The prompt batch runs once; each label continues from a copy of its KV cache, so
+        L labels cost one prompt pass plus L passes over a few answer tokens.
+        """
+        import copy
+
         import torch
 
-        pairs = [answer_ids(label, m, self.tokenizer, self.template) for m in conversations for label in labels]
         pad = self.tokenizer.pad_token_id or 0
-        scores: list[float] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            width = max(len(p) + len(a) for p, a in chunk)
-            ids = torch.tensor([p + a + [pad] * (width - len(p) - len(a)) for p, a in chunk])
-            mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in chunk])
+        out: list[list[float]] = []
+        for start in range(0, len(conversations), batch_size):
+            convs = conversations[start:start + batch_size]
+            prompts = [answer_ids(labels[0], m, self.tokenizer, self.template)[0] for m in convs]
+            answers = [answer_ids(label, convs[0], self.tokenizer, self.template)[1] for label in labels]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0]
-            for i, (p, a) in enumerate(chunk):
-                scores.append(float(logp[i, len(p) - 1:len(p) + len(a) - 1].sum()))
+                first = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+                last = torch.log_softmax(first.logits[:, -1].float(), dim=-1)
+                rows = []
+                for answer in answers:
+                    score = last[:, answer[0]].clone()
+                    if len(answer) > 1:
+                        cont = torch.tensor([answer[:-1]] * len(convs), device=ids.device)
+                        cmask = torch.cat([mask, torch.ones_like(cont)], dim=1)
+                        cpos = pos[:, -1:] + 1 + torch.arange(cont.shape[1], device=ids.device)
+                        logits = self.model(input_ids=cont, attention_mask=cmask, position_ids=cpos,
+                                            past_key_values=copy.deepcopy(first.past_key_values), use_cache=True).logits
+                        logp = torch.log_softmax(logits.float(), dim=-1)
+                        score += logp.gather(-1, torch.tensor(answer[1:], device=ids.device).expand(len(convs), -1)[..., None])[..., 0].sum(-1)
+                    rows.append(score)
+            out += torch.stack(rows, dim=1).tolist()
             if progress is not None:
-                progress(len(chunk) / len(labels))
-        return [scores[i:i + len(labels)] for i in range(0, len(scores), len(labels))]
+                progress(len(convs))
+        return out
 
     def decode_tokens_per_s(self, conversation: list[dict[str, str]], tokens: int = 64) -> float:
         """Pure decode speed: time(1 + tokens new tokens) - time(1), EOS suppressed."""

@@ -1,0 +1,69 @@
+"""`ftlib benchmark`: every variant measured in its own process, the parity rule, the outputs and MLflow child runs."""
+
+import json
+
+import mlflow
+import pytest
+
+from ftlib.benchmark import benchmark, parity
+from ftlib.quantize import quantize
+from tests.conftest import REPO, make_splits
+
+MAX_DROP = {"q8_0": 0.02, "q4_k_m": 0.05, "default": 0.05}
+
+
+def row(kind, accuracy, stop_rate=1.0):
+    return {"kind": kind, "accuracy": accuracy, "stop_rate": stop_rate}
+
+
+def test_parity_rule():
+    merged = row("merged-fp32", 0.80, stop_rate=0.95)
+    assert parity(row("gguf-q8_0", 0.79), merged, MAX_DROP)[0]            # -0.01 <= 0.02
+    ok, why = parity(row("gguf-q8_0", 0.77), merged, MAX_DROP)            # -0.03 > 0.02
+    assert not ok and "max_quant_drop 0.02" in why
+    assert parity(row("gguf-q4_k_m", 0.76), merged, MAX_DROP)[0]          # -0.04 <= 0.05
+    assert not parity(row("bnb-nf4", 0.74), merged, MAX_DROP)[0]          # default 0.05
+    assert parity(row("gguf-q4_k_m", 0.90), merged, MAX_DROP)[0]          # better is fine
+    ok, why = parity(row("gguf-q8_0", 0.80, stop_rate=0.5), merged, MAX_DROP)  # no longer stops at EOS
+    assert not ok and "EOS" in why
+
+
+def test_benchmark_end_to_end_on_the_tiny_model(tiny_model, tiny_adapter, tmp_path):
+    from ftlib.config import load_params
+    from ftlib.models import train_info
+
+    data = make_splits(tmp_path / "splits", n_test=4)
+    quantize(tiny_adapter, tmp_path / "quantized", tmp_path / "merged", ["q8_0", "torch-int8"], progress=lambda m: None)
+    params = load_params(REPO / "params.yaml", [f"base_model={tiny_model}", "benchmark.max_new_tokens=4", "benchmark.decode_tokens=4"])
+    out = tmp_path / "reports" / "benchmark.json"
+    result = benchmark(params, tiny_adapter, str(tmp_path / "quantized"), str(data), str(out), progress=lambda m: None)
+
+    saved = json.loads(out.read_text())
+    assert saved["ratio"] == result["ratio"] and saved["ratio"] > 0
+    kinds = [v["kind"] for v in saved["variants"]]
+    assert kinds == ["base-fp32", "adapter-fp32", "merged-fp32", "gguf-q8_0", "torch-int8", "classical"]
+    for v in saved["variants"]:
+        assert {"name", "kind", "path", "accuracy", "f1", "examples_per_s", "decode_tokens_per_s", "size_mb",
+                "peak_rss_mb", "shippable"} <= set(v), v
+        assert "error" not in v, v
+        assert 0.0 <= v["accuracy"] <= 1.0 and v["n"] == 4
+    llm = [v for v in saved["variants"] if v["kind"] != "classical"]
+    assert all(v["decode_tokens_per_s"] > 0 and v["latency_p95_s"] >= v["latency_p50_s"] > 0 for v in llm)
+    assert not saved["variants"][0]["shippable"]  # the base model is never offered
+    assert (out.parent / "benchmark.md").read_text().startswith("| variant |")
+    assert (out.parent / "plots" / "benchmark.png").stat().st_size > 10_000
+
+    # one child run per variant under the training run
+    parent = train_info(tiny_adapter)["mlflow_run_id"]
+    children = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                  output_format="list")
+    assert sorted(r.data.params["kind"] for r in children) == sorted(kinds)
+    assert all("accuracy" in r.data.metrics for r in children)
+
+
+@pytest.mark.parametrize("bad", ["nonexistent-dir"])
+def test_benchmark_needs_a_test_split(tmp_path, tiny_adapter, bad):
+    from ftlib.config import load_params
+
+    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+        benchmark(load_params(None), tiny_adapter, str(tmp_path), str(tmp_path / bad), str(tmp_path / "b.json"))
