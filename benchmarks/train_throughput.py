@@ -10,7 +10,9 @@ or `ftlib split`), the same epochs and max length:
                 answer-only loss, bf16 autocast where the CPU has it, batch 8, length-grouped,
                 gradient checkpointing on 3/4 of the layers, LM head over answer tokens only).
 
-Each runs in its own subprocess (so peak RSS is its own). For each: examples/s,
+Each runs in its own subprocess (so peak RSS is its own), and both log to MLflow (a
+temporary sqlite store): tracking is part of the pipeline and costs ~170 MB of RSS, so
+the notes' config gets the same instrumentation. For each: examples/s,
 non-pad tokens/s, peak RSS of training (load, train, final evaluation; the test scoring
 that follows is reported apart), final validation loss, test accuracy (greedy generation, the
 label read from the answer). Also the weight footprint of the base model loaded for
@@ -57,6 +59,7 @@ def run_baseline(data: Path, epochs: float, work: Path) -> dict:
     from ftlib.models import load_tokenizer, resolve
 
     params = load_params(ROOT / "params.yaml")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow-baseline.db'}"  # same instrumentation as (b)
     path = resolve(params.base_model)
     tok = load_tokenizer(params.base_model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -78,7 +81,7 @@ def run_baseline(data: Path, epochs: float, work: Path) -> dict:
             output_dir=str(work / "baseline"), dataset_text_field="text", max_length=params.max_seq_length, packing=False,
             per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5, num_train_epochs=epochs,
             learning_rate=2e-4, bf16=False, fp16=False, logging_steps=1, optim="adamw_torch", weight_decay=0.01,
-            lr_scheduler_type="linear", seed=3407, use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no",
+            lr_scheduler_type="linear", seed=3407, use_cpu=True, report_to=["mlflow"], save_strategy="no", eval_strategy="no",
             completion_only_loss=False,
         ),
     )
@@ -191,7 +194,7 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "config" else "right")
     for name, r in (("(a) course notes, fp32, bs 2x4, full loss", a), ("(b) ftlib default", b)):
         table.add_row(name, f"{r['examples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['seconds']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                      f"{r['scoring_peak_rss_mb']:.0f}",                      f"{r['val_loss']:.3f}", f"{r['test_accuracy']:.3f}")
+                      f"{r['scoring_peak_rss_mb']:.0f}", f"{r['val_loss']:.3f}", f"{r['test_accuracy']:.3f}")
     Console(width=130).print(table)
     ratio = b["examples_per_s"] / a["examples_per_s"]
     print(f"ratio b/a examples/s {ratio:.2f}; QLoRA weights {fp['qlora_weights_mb']:.0f} MB vs fp32 {fp['fp32_weights_mb']:.0f} MB "

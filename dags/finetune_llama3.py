@@ -48,7 +48,7 @@ def _path(project_dir: str, p: str) -> Path:
         "validated_dir": Param("data/validated", type="string", description="report.json, quarantine.jsonl, Data Docs."),
         "splits_dir": Param("data/splits", type="string", description="train/validation/test.jsonl."),
         "reports_dir": Param("reports", type="string", description="train_loss.csv, metrics.json, benchmark.json, plots/."),
-        "merged_dir": Param("models/merged", type="string", description="The adapter merged into the base (bf16)."),
+        "merged_dir": Param("models/merged", type="string", description="The adapter merged into the base (fp16)."),
         "quantized_dir": Param("models/quantized", type="string", description="GGUF files, Modelfile, bitsandbytes/torch variants."),
         "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z_.]+=.*$"},
                            description="params.yaml overrides for this run, e.g. train.method=lora."),

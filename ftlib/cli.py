@@ -630,12 +630,12 @@ def review_import(
 def quantize(
     model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter dir (merged first) or any HF model dir."),
     out_dir: Path = typer.Option(Path("models/quantized"), "--out-dir", help="Where GGUF files, the Modelfile and variants go."),
-    merged_dir: Path = typer.Option(Path("models/merged"), "--merged-dir", help="Where the merged bf16 model goes."),
+    merged_dir: Path = typer.Option(Path("models/merged"), "--merged-dir", help="Where the merged model goes (quantize.merged_dtype, fp16 by default)."),
     variants: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="Only these (repeatable): f16, q8_0, q4_k_m, bnb-int8, bnb-nf4, torch-int8. Default: quantize.variants."),
     params_file: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Write every deployable variant: merged bf16, GGUF f16/Q8_0/Q4_K_M + Ollama Modelfile, bitsandbytes int8/NF4, torch int8.
+    """Write every deployable variant: merged fp16, GGUF f16/Q8_0/Q4_K_M + Ollama Modelfile, bitsandbytes int8/NF4, torch int8.
 
     Each variant is a path every other command accepts as --model.
 

@@ -137,8 +137,9 @@ class TrainConfig:
 class QuantizeConfig:
     variants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m", "bnb-int8", "bnb-nf4", "torch-int8"])
     """Variants `ftlib quantize` writes: GGUF f16/q8_0/q4_k_m (llama.cpp, Ollama), bnb-int8, bnb-nf4, torch-int8."""
-    merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """dtype of models/merged (the adapter folded into the base); GGUF conversion starts from it."""
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = "float16"
+    """dtype of models/merged (the adapter folded into the base); GGUF conversion starts from it.
+    float16 keeps 3 more mantissa bits than bfloat16, which a small LoRA delta needs."""
     max_quant_drop: dict[str, float] = field(default_factory=lambda: {"q8_0": 0.02, "q4_k_m": 0.05, "default": 0.05})
     """Largest accuracy drop vs the merged model a variant may show and still ship (by GGUF type; default for the rest)."""
 

@@ -8,7 +8,8 @@ a confusion matrix. The predicted label comes from one of two modes:
             (ftlib.generate.extract_label: case, accents, markdown, trailing words);
             an answer that names no label is "off-label" and counts as wrong;
   loglik    score log p(label + EOS | prompt) for every declared label and take the
-            best one: one forward pass per (example, label), never off-label.
+            best one: one prompt pass per batch, each label continued from a copy
+            of its KV cache; never off-label.
 
 Generation data (`generation`, `code`) is scored against the reference answer: exact
 match, chrF and BLEU (sacrebleu corpus scores, 0-100), ROUGE-L F1 over whitespace tokens,

@@ -1,6 +1,6 @@
 """Stage `quantize`: every deployable variant of a fine-tuned model, each a path `--model` accepts.
 
-    models/merged/                      adapter folded into the base, bf16 safetensors
+    models/merged/                      adapter folded into the base, fp16 safetensors
     models/quantized/model-f16.gguf     llama.cpp / Ollama, full 16-bit
     models/quantized/model-q8_0.gguf    8-bit, near-lossless
     models/quantized/model-q4_k_m.gguf  4-bit k-quant, the usual laptop choice
@@ -132,7 +132,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def quantize(model: str | Path = "models/adapter", out_dir: str | Path = "models/quantized",
              merged_dir: str | Path = "models/merged", variants: list[str] | tuple[str, ...] = ALL_VARIANTS,
-             merged_dtype: str = "bfloat16", progress: Any = print) -> list[dict[str, Any]]:
+             merged_dtype: str = "float16", progress: Any = print) -> list[dict[str, Any]]:
     """Write every requested variant of `model`; returns (and writes) the variants.json manifest."""
     from ftlib.merge import merge_adapter
     from ftlib.models import load_tokenizer, resolve
