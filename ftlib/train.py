@@ -254,6 +254,9 @@ def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: boo
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if eval_steps else "no",
+        # Evaluation needs the loss only; otherwise TRL reruns every eval batch for full
+        # (batch x seq x 49k) logits, which was the run's memory peak (+300-500 MB per eval).
+        prediction_loss_only=True,
         eval_steps=eval_steps,
         save_strategy="steps",
         save_steps=save_steps,
