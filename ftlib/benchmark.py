@@ -30,12 +30,12 @@ from typing import Any
 QUANTIZED_KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "bnb-int8", "bnb-nf4", "torch-int8")
 
 
-def size_mb(path: str | Path) -> float:
+def size_mb(path: str | Path) -> float | None:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size / 2**20
-    if not p.exists():  # a hub id: not on disk here
-        return float("nan")
+    if not p.exists():  # a hub id: not on disk here (None, not NaN: NaN is not valid JSON)
+        return None
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20
 
 
@@ -205,15 +205,11 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
     }
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=_nan_none) + "\n")
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
     out_path.with_suffix(".md").write_text(markdown(result))
     plot(result, out_path.parent / "plots" / "benchmark.png")
     log_to_mlflow(result, adapter)
     return result
-
-
-def _nan_none(x: Any) -> Any:
-    return None
 
 
 COLUMNS = [("accuracy", "acc", "{:.3f}"), ("f1", "F1", "{:.3f}"), ("latency_p50_s", "p50 s", "{:.3f}"),

@@ -664,7 +664,7 @@ def quantize(
     for col in ("name", "runtime", "path", "size MB"):
         table.add_column(col, justify="right" if col == "size MB" else "left")
     for v in manifest:
-        table.add_row(v["name"], v["runtime"], v["path"], f"{size_mb(v['path']):,.1f}")
+        table.add_row(v["name"], v["runtime"], v["path"], f"{size_mb(v['path']) or 0:,.1f}")
     out.print(table)
 
 
