@@ -704,6 +704,276 @@ def benchmark(
     out.print(f"wrote {json_out}, {json_out.with_suffix('.md')}, {json_out.parent / 'plots' / 'benchmark.png'}")
 
 
+def _gate_table(g) -> Table:
+    t = Table(title="gate: " + ("[green]passed[/]" if g.passed else "[red]refused[/]"))
+    for col in ("", "candidate", "champion" + (f" v{g.champion['version']} (re-scored)" if g.champion else ""), "required"):
+        t.add_column(col, justify="right" if col else "left")
+    champ = g.champion or {}
+    need = f">= {g.thresholds['accuracy_threshold']:.3f}"
+    if champ:
+        need += f" and >= {champ['score'] + g.thresholds['min_improvement']:.3f}"
+    t.add_row(g.metric, f"{g.candidate['score']:.3f}", f"{champ['score']:.3f}" if champ else "-", need)
+    f1_need = f">= {g.thresholds['f1_threshold']:.3f}" if g.thresholds["f1_threshold"] > 0 else "not checked"
+    t.add_row("f1", f"{g.candidate['f1']:.3f}", f"{champ['f1']:.3f}" if champ else "-", f1_need)
+    return t
+
+
+def _registry_errors():
+    from ftlib.models import ModelError
+    from ftlib.register import RegistryError
+
+    return (RegistryError, ModelError, FileNotFoundError)
+
+
+@app.command()
+def gate(
+    metrics: Path = typer.Option(Path("reports/metrics.json"), "--metrics", help="The candidate's test-split metrics (`ftlib evaluate`)."),
+    adapter: Path = typer.Option(Path("models/adapter"), "--adapter", help="The candidate (hashed into the run key)."),
+    data_dir: Path = typer.Option(Path("data/splits"), "--data-dir", help="Splits; the champion is re-scored on test.jsonl."),
+    json_out: Path = typer.Option(Path("reports/gate.json"), "--json", help="Where the decision goes."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Decide whether the candidate may be registered: accuracy/F1 thresholds, and beating the re-scored champion.
+
+    Thresholds come from params.yaml `register:`. The decision is logged as an MLflow run (kept for refusals too) and written to reports/gate.json. Exit 0 passed, 3 refused, 2 error.
+
+    [b]Examples[/]
+
+      ftlib gate
+
+      ftlib gate -o register.accuracy_threshold=0.8 -o register.min_improvement=0.02
+    """
+    from ftlib.register import gate as run_gate
+
+    params = _params(params_file, overrides)
+    try:
+        g = run_gate(params, metrics, data_dir, adapter, json_out)
+    except _registry_errors() as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    out.print(_gate_table(g))
+    for r in g.reasons:
+        out.print(f"[red]refused:[/] {r}")
+    out.print(f"decision logged to MLflow run {g.run_id}; wrote {json_out}")
+    raise typer.Exit(0 if g.passed else 3)
+
+
+@app.command()
+def register(
+    adapter: Path = typer.Option(Path("models/adapter"), "--adapter", help="The trained adapter (logged as the pyfunc model)."),
+    data_dir: Path = typer.Option(Path("data/splits"), "--data-dir"),
+    reports: Path = typer.Option(Path("reports"), "--reports", help="metrics.json (required), benchmark.json, plots, ..."),
+    quantized: Path = typer.Option(Path("models/quantized"), "--quantized", help="GGUF files; the shippable ones are logged."),
+    merged: Path = typer.Option(Path("models/merged"), "--merged", help="Merged model (logged when register.log_merged)."),
+    force: bool = typer.Option(False, "--force", help="Register even if the gate refuses (needs --reason; the version is tagged forced)."),
+    reason: str = typer.Option("", "--reason", help="Why --force."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Gate the candidate, then register it in MLflow as `challenger` with artifacts, model card and lineage.
+
+    Idempotent: the same training output (same splits, params, code and adapter weights) is registered once; a rerun after an interruption finishes the same version. Any MLFLOW_TRACKING_URI works (default sqlite:///mlflow.db). Exit 0 registered or already registered, 3 refused by the gate, 2 error.
+
+    [b]Examples[/]
+
+      ftlib register
+
+      MLFLOW_TRACKING_URI=http://mlflow:5000 ftlib register
+
+      ftlib register --force --reason "hotfix: old champion broke on new labels"
+    """
+    from ftlib.register import register as run_register
+
+    params = _params(params_file, overrides)
+    try:
+        r = run_register(params, adapter, data_dir, reports, quantized, merged, force=force, reason=reason,
+                         log=lambda m: err.print(f"[dim]{m}[/]"))
+    except _registry_errors() as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    if r.gate is not None:
+        out.print(_gate_table(r.gate))
+    for m in r.messages:
+        out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+    if r.version:
+        out.print(f"next: ftlib lineage models:/{r.name}/{r.version} | ftlib promote {r.name} --version {r.version} --reason '...'")
+    raise typer.Exit(3 if r.status == "refused" else 0)
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument(..., help="Registered model name (params.yaml register.model_name)."),
+    version: Optional[str] = typer.Option(None, "--version", help="Version number to make champion."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Or the alias that points at it, e.g. challenger."),
+    rollback: bool = typer.Option(False, "--rollback", help="Point champion back at the previous champion."),
+    reason: str = typer.Option("", "--reason", "-r", help="Why (recorded as a version tag)."),
+    force: bool = typer.Option(False, "--force", help="Promote a version that failed the gate (needs --reason)."),
+) -> None:
+    """Move the `champion` alias (who, when and why become version tags) or roll it back.
+
+    The previous champion keeps the `previous-champion` alias; rollbacks walk back through the promotion history.
+
+    [b]Examples[/]
+
+      ftlib promote ftlib-sentiment --alias challenger --reason "beats v3 by 4 points"
+
+      ftlib promote ftlib-sentiment --version 3
+
+      ftlib promote ftlib-sentiment --rollback --reason "complaints about NEUTRAL"
+    """
+    from ftlib.promote import promote as run_promote
+    from ftlib.promote import rollback as run_rollback
+    from ftlib.register import client
+
+    try:
+        c = client()
+        if rollback:
+            if version or alias:
+                err.print("[red]error:[/] --rollback takes no --version/--alias")
+                raise typer.Exit(2)
+            r = run_rollback(c, name, reason)
+            out.print(f"[green]rolled back:[/] {name} @champion v{r['previous']} -> v{r['version']}")
+        else:
+            r = run_promote(c, name, version, alias, reason, force)
+            if not r["changed"]:
+                out.print(f"{name} v{r['version']} is already @champion; nothing changed")
+            else:
+                out.print(f"[green]promoted:[/] {name} @champion -> v{r['version']}" + (f" (previous champion v{r['previous']} is @previous-champion)" if r["previous"] else ""))
+    except _registry_errors() as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+
+
+models_app = typer.Typer(help="Registered models: list versions with aliases, gate results, scores and data hashes.",
+                         no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(name: str = typer.Argument(..., help="Registered model name.")) -> None:
+    """Versions of a registered model, newest first.
+
+    [b]Examples[/]
+
+      ftlib models list ftlib-sentiment
+    """
+    from ftlib.promote import versions
+    from ftlib.register import client
+
+    try:
+        rows = versions(client(), name)
+    except _registry_errors() as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    t = Table(title=f"{name}: {len(rows)} version(s)")
+    for col in ("version", "aliases", "gate", "score", "f1", "test md5", "train md5", "created (UTC)", "promoted", "run"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["version"] + ("" if r["complete"] else " (incomplete)"), ", ".join(r["aliases"]), r["gate"], r["score"] or "-",
+                  r["f1"] or "-", r["test_md5"], r["train_md5"], r["created"], r["promoted"], r["run_id"][:10])
+    out.print(t)
+
+
+@app.command()
+def lineage(
+    uri: str = typer.Argument(..., help="models:/NAME/VERSION or models:/NAME@ALIAS"),
+    check: bool = typer.Option(False, "--check", help="Compare the split files in --data-dir with the recorded hashes (exit 1 on mismatch)."),
+    data_dir: Path = typer.Option(Path("data/splits"), "--data-dir"),
+) -> None:
+    """Trace a registered version back to its data: version -> run -> params -> split hashes -> raw data -> stages, and the commands that rebuild it.
+
+    [b]Examples[/]
+
+      ftlib lineage models:/ftlib-sentiment@champion
+
+      ftlib lineage models:/ftlib-sentiment/3 --check
+    """
+    import json as _json
+
+    from rich.tree import Tree
+
+    from ftlib import lineage as lin
+    from ftlib.register import client, get_version
+
+    try:
+        c = client()
+        mv = get_version(c, uri)
+    except _registry_errors() as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    info = lin.of(mv.tags)
+    params = _json.loads(info.get("params", "{}"))
+    train = params.get("train", {})
+    aliases = ", ".join(f"@{a}" for a in mv.aliases) or "no alias"
+    metric = next((k for k in ("ftlib.accuracy", "ftlib.exact_match") if k in mv.tags), None)
+    tree = Tree(f"[b]{mv.name} v{mv.version}[/] ({aliases}) gate: {mv.tags.get('ftlib.gate', '?')}"
+                + (f", {metric[6:]} {mv.tags[metric]}" if metric else ""))
+    run = tree.add(f"MLflow run [b]{mv.run_id}[/] (register); training run {info.get('train.mlflow_run_id', '?')}, "
+                   f"step {info.get('train.global_step', '?')}")
+    p = run.add(f"params hash [b]{info.get('params.hash', '?')}[/]: base_model {info.get('base_model')} "
+                f"[{info.get('base_model.revision')}], method {train.get('method')}, lora_r {train.get('lora_r')}, "
+                f"lora_alpha {train.get('lora_alpha')}, lr {train.get('learning_rate')}, epochs {train.get('num_train_epochs')}, seed {train.get('seed')}")
+    splits = p.add(f"splits (split seed {params.get('split', {}).get('seed')}; dvc.lock {info.get('dvc.lock', '?')})")
+    for s in lin.SPLITS:
+        splits.add(f"{s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}")
+    raw = splits.add("raw data")
+    for k, v in info.items():
+        if k.startswith("dvc.raw."):
+            raw.add(f"{k[len('dvc.raw.'):]} md5 {v}")
+    raw.add(f"stages: {info.get('dvc.stages', 'n/a')}")
+    tree.add(f"code: git {info.get('git.commit')} (dirty: {info.get('git.dirty')})")
+    tree.add(f"libraries: {info.get('libraries')}")
+    tree.add(f"hardware: {info.get('hardware')}")
+    if "airflow.run_id" in info:
+        tree.add(f"airflow: dag {info.get('airflow.dag_id')} run {info['airflow.run_id']}")
+    out.print(tree)
+    out.print("[b]rebuild[/]")
+    for cmd in lin.rebuild_commands(info, mv.name, str(mv.version)):
+        out.print(f"  {cmd}", markup=False)
+    if check:
+        rows = lin.check(info, data_dir)
+        t = Table(title=f"{data_dir} against {mv.name} v{mv.version}")
+        for col in ("split", "recorded md5", "on disk", "same"):
+            t.add_column(col)
+        for s, want, have, same in rows:
+            t.add_row(s, want, have, "[green]yes[/]" if same else "[red]no[/]")
+        out.print(t)
+        if not rows or not all(r[3] for r in rows):
+            err.print("[red]the split files differ from the ones this version was trained and scored on[/]")
+            raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS or models:/NAME/VERSION."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+    runtime: str = typer.Option("transformers", "--runtime", help="transformers (base + adapter) or llama.cpp (the version's shipped GGUF)."),
+) -> None:
+    """Serve a registered model over HTTP: OpenAI-style /v1/chat/completions, MLflow-style /invocations, /health.
+
+    The alias is resolved at start: restart after `ftlib promote` or a rollback to serve the new champion.
+
+    [b]Examples[/]
+
+      ftlib serve --model models:/ftlib-sentiment@champion
+
+      curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Loved it!"}]}'
+
+      curl -s localhost:8080/invocations -d '{"inputs": ["Loved it!", "Never again."]}'
+
+      ftlib serve -m models:/ftlib-sentiment@champion --runtime llama.cpp --port 8081
+    """
+    from ftlib.serve import serve as run_serve
+
+    try:
+        run_serve(model, host, port, runtime)
+    except (*_registry_errors(), ValueError, OSError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+
+
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),

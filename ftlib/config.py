@@ -157,6 +157,20 @@ class BenchmarkConfig:
 
 
 @dataclass
+class RegisterConfig:
+    model_name: str = "ftlib-sentiment"
+    """Registered model name in MLflow (`models:/NAME@champion`)."""
+    accuracy_threshold: float = 0.35
+    """The gate: test-split accuracy below this is never registered."""
+    f1_threshold: float = 0.0
+    """The gate on weighted F1 (classification) or chrF/100 (generation); 0 = not checked."""
+    min_improvement: float = 0.01
+    """A candidate must beat the champion, re-scored on the same test split, by at least this much accuracy."""
+    log_merged: bool = True
+    """Also log the merged model (fp16, full size) as a run artifact; the adapter and shippable GGUFs always are."""
+
+
+@dataclass
 class Params:
     base_model: str = "embedded:smollm2-135m-instruct"
     """embedded:smollm2-135m-instruct, a local HF directory or a hub id."""
@@ -172,6 +186,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
 
 def _coerce(value: str, current: Any) -> Any:

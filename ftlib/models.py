@@ -107,8 +107,31 @@ def _convert_gguf(name: str, target: Path) -> None:
     tmp.rename(target)
 
 
+def registered(uri: str, part: str = "adapter") -> str:
+    """models:/NAME/N or models:/NAME@ALIAS -> the local path of one part of that version's pyfunc
+    model ("adapter" or "gguf"), downloaded once per version into the cache. The alias is
+    resolved on every call, so a promotion or rollback takes effect on the next load."""
+    from ftlib.register import RegistryError, local_copy
+
+    try:
+        root = local_copy(uri) / "artifacts"
+    except RegistryError as e:
+        raise ModelError(str(e)) from None
+    if part == "gguf":
+        found = sorted(root.rglob("*.gguf"))
+        if not found:
+            raise ModelError(f"{uri}: this version carries no GGUF file (none passed the benchmark's parity rule)")
+        return str(found[0])
+    found = [p.parent for p in root.rglob("adapter_config.json")] or [p.parent for p in root.rglob("config.json")]
+    if not found:
+        raise ModelError(f"{uri}: no model directory in its artifacts ({root})")
+    return str(found[0])
+
+
 def resolve(model: str) -> str:
     """Turn a model string into a local directory or a hub id for from_pretrained."""
+    if model.startswith("models:/"):
+        return registered(model)
     if model.startswith(PREFIX):
         return str(embedded_dir(model[len(PREFIX):]))
     path = Path(model).expanduser()
@@ -144,6 +167,8 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, light: bool = Fa
 
 def train_info(model: str) -> dict[str, Any] | None:
     """ftlib_train.json of a directory written by `ftlib train`/`merge`/`prune`/`distill`, else None."""
+    if model.startswith("models:/"):
+        model = registered(model)
     path = Path(model).expanduser() / "ftlib_train.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -159,6 +184,8 @@ def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = Fal
 
     if str(model).endswith(".gguf"):
         raise ModelError(f"{model}: a GGUF file runs on llama.cpp, not transformers; commands that accept it use load_predictor")
+    if str(model).startswith("models:/"):
+        model = registered(model)
     variant = Path(model).expanduser() / "ftlib_variant.json"
     if variant.is_file():  # a recipe variant: weights of another directory, quantized at load time
         spec = json.loads(variant.read_text())

@@ -1,0 +1,195 @@
+"""Lineage: everything that made a model version, and the commands that rebuild it.
+
+`collect()` gathers, at registration time, the facts a person needs to trace a model
+back to its data: the git commit (and whether the tree was dirty), the DVC content
+hashes of the raw data and of each split (read from dvc.lock, checked against the
+files actually used), the params and their hash, the base model and a hash or
+revision of its weights, library versions, hardware, and the Airflow dag/run ids
+when Airflow runs the task. They become `ftlib.lineage.*` tags on the MLflow model
+version and its run.
+
+`show()` prints the chain model version -> MLflow run -> params -> split hashes ->
+raw data hashes -> stage graph, plus the exact commands that rebuild the splits;
+`check()` compares split files on disk with a version's recorded hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SPLITS = ("train", "validation", "test")
+PREFIX = "ftlib.lineage."
+LIBRARIES = ("ftlib", "torch", "transformers", "trl", "peft", "bitsandbytes", "mlflow", "dvc", "llama_cpp_python")
+
+
+def md5(path: Path) -> str:
+    """The hash DVC records for a file (md5 of its bytes)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git(root: Path, *args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def dvc_lock(root: Path) -> dict[str, Any]:
+    """{stage: {"deps": {path: md5}, "outs": {path: md5}}} from dvc.lock, {} without one."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {name: {kind: {e["path"]: e.get("md5") for e in s.get(kind, [])} for kind in ("deps", "outs")}
+            for name, s in stages.items()}
+
+
+def stage_graph(root: Path) -> list[str]:
+    """Stage names of dvc.yaml in file order (it is written in dependency order)."""
+    dvc_yaml = root / "dvc.yaml"
+    return list((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})) if dvc_yaml.is_file() else []
+
+
+def base_model_revision(base_model: str) -> str:
+    """Something that pins the base weights: package version + file hash, hub revision, or weight hashes."""
+    from ftlib.models import PREFIX as EMBEDDED_PREFIX
+    from ftlib.models import resolve
+
+    path = Path(resolve(base_model))
+    source = path / "ftlib_source.json"
+    if base_model.startswith(EMBEDDED_PREFIX) and source.is_file():
+        s = json.loads(source.read_text())
+        return f"{s['package']}=={s['package_version']} {s['gguf_file']} sha256:{s['gguf_sha256'][:16]}"
+    if not path.exists():  # a hub id not in the local cache
+        return "unresolved (hub id; pin with a revision)"
+    if "snapshots" in path.parts:  # an HF cache snapshot: the directory name is the commit
+        return f"hub revision {path.name}"
+    weights = sorted(path.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(md5(w).encode())
+    return f"safetensors md5-of-md5 {h.hexdigest()[:16]} ({len(weights)} files)"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def hardware() -> str:
+    """CPU, cores, memory, and GPUs when torch sees any (torch is only asked if already loaded)."""
+    mem = ""
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    gpus = ""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        gpus = ", " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores{mem}{gpus}"
+
+
+def collect(params: dict[str, Any], data_dir: Path, adapter: Path, root: Path = Path(".")) -> dict[str, str]:
+    """The lineage of a candidate as flat string tags (MLflow tag values are strings)."""
+    root = root.resolve()
+    tags: dict[str, str] = {}
+    commit = git(root, "rev-parse", "HEAD")
+    tags["git.commit"] = commit or "none (not a git repository or no commit)"
+    dirty = git(root, "status", "--porcelain", "--untracked-files=no")
+    tags["git.dirty"] = "unknown" if dirty is None else str(bool(dirty)).lower()
+    remote = git(root, "remote", "get-url", "origin")
+    if remote:
+        tags["git.remote"] = remote
+
+    lock = dvc_lock(root)
+    for path, h in lock.get("validate", {}).get("deps", {}).items():
+        if path.startswith("data/raw"):
+            tags[f"dvc.raw.{path}"] = str(h)
+    data_dir = Path(data_dir)
+    rel = os.path.relpath(data_dir.resolve(), root)
+    locked = lock.get("split", {}).get("outs", {})
+    stale = []
+    for s in SPLITS:
+        f = data_dir / f"{s}.jsonl"
+        if f.is_file():
+            tags[f"data.{s}.md5"] = md5(f)
+            recorded = locked.get(f"{rel}/{s}.jsonl")
+            if recorded is not None and recorded != tags[f"data.{s}.md5"]:
+                stale.append(s)
+    tags["dvc.lock"] = ("missing" if not lock else "stale: splits on disk differ for " + ",".join(stale) if stale
+                        else "matches the splits used")
+    tags["dvc.stages"] = " -> ".join(stage_graph(root)) or "none"
+
+    tags["params.hash"] = params_hash(params)
+    tags["params"] = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    tags["base_model"] = params["base_model"]
+    tags["base_model.revision"] = base_model_revision(params["base_model"])
+    info_file = Path(adapter) / "ftlib_train.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        tags["train.run_key"] = str(info.get("run_key"))
+        tags["train.mlflow_run_id"] = str(info.get("mlflow_run_id"))
+        tags["train.global_step"] = str(info.get("global_step"))
+    tags["libraries"] = json.dumps(library_versions(), sort_keys=True)
+    tags["hardware"] = hardware()
+    for env, key in (("AIRFLOW_CTX_DAG_ID", "airflow.dag_id"), ("AIRFLOW_CTX_DAG_RUN_ID", "airflow.run_id"),
+                     ("AIRFLOW_CTX_TASK_ID", "airflow.task_id")):
+        if os.environ.get(env):
+            tags[key] = os.environ[env]
+    return {PREFIX + k: v for k, v in tags.items()}
+
+
+def of(tags: dict[str, str]) -> dict[str, str]:
+    """The lineage part of a tag dict, without the prefix."""
+    return {k[len(PREFIX):]: v for k, v in tags.items() if k.startswith(PREFIX)}
+
+
+def rebuild_commands(lineage: dict[str, str], name: str, version: str) -> list[str]:
+    commit = lineage.get("git.commit", "")
+    cmds = []
+    if lineage.get("git.remote"):
+        cmds.append(f"git clone {lineage['git.remote']} ftlib-rebuild && cd ftlib-rebuild")
+    if commit and not commit.startswith("none"):
+        cmds.append(f"git checkout {commit}")
+    cmds += [
+        "dvc pull data/splits || dvc repro split   # restore the splits from the remote, or recompute them",
+        f"ftlib lineage models:/{name}/{version} --check   # the split files must match the recorded hashes",
+        "dvc repro   # retrain, quantize, benchmark and evaluate from those splits",
+    ]
+    return cmds
+
+
+def check(lineage: dict[str, str], data_dir: Path) -> list[tuple[str, str, str, bool]]:
+    """(split, recorded md5, md5 on disk, equal) for each split the version recorded."""
+    rows = []
+    for s in SPLITS:
+        recorded = lineage.get(f"data.{s}.md5")
+        if recorded is None:
+            continue
+        f = Path(data_dir) / f"{s}.jsonl"
+        now = md5(f) if f.is_file() else "missing"
+        rows.append((s, recorded, now, now == recorded))
+    return rows
