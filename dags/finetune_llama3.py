@@ -1,4 +1,4 @@
-"""Retraining workflow: validate -> split -> train -> quantize_and_benchmark -> evaluate (the gate and register come next).
+"""Retraining workflow: validate -> split -> train -> quantize_and_benchmark -> evaluate -> gate -> register.
 
 Thin on purpose: each task is one call into the same ftlib function the CLI and dvc.yaml
 use, and passes paths (never data) to the next task. Nothing heavy is imported at parse
@@ -28,7 +28,7 @@ def _path(project_dir: str, p: str) -> Path:
 
 @dag(
     dag_id="finetune_llama3",
-    description="Validate new instruction data with GX, split it, fine-tune, quantize and benchmark every variant, evaluate.",
+    description="Validate new instruction data with GX, split it, fine-tune, quantize and benchmark every variant, evaluate, gate, register.",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -101,11 +101,19 @@ def finetune_llama3():
         subprocess.run(cmd, cwd=project_dir, check=True)
         return str(_path(project_dir, load_params(params_path, overrides).train.output_dir))
 
-    def _ftlib(project_dir: str, params_file: str, overrides: list[str], *args: str) -> None:
+    def _ftlib(project_dir: str, params_file: str, overrides: list[str], *args: str, ok: tuple[int, ...] = (0,)) -> int:
         cmd = [sys.executable, "-m", "ftlib", *args, "-p", str(_path(project_dir, params_file))]
         for o in overrides:
             cmd += ["-o", o]
-        subprocess.run(cmd, cwd=project_dir, check=True)
+        from airflow.sdk import get_current_context
+
+        ctx = get_current_context()  # recorded in the MLflow lineage tags of what this run registers
+        env = {**os.environ, "AIRFLOW_CTX_DAG_ID": ctx["dag"].dag_id, "AIRFLOW_CTX_DAG_RUN_ID": ctx["run_id"],
+               "AIRFLOW_CTX_TASK_ID": ctx["task"].task_id}
+        code = subprocess.run(cmd, cwd=project_dir, env=env).returncode
+        if code not in ok:
+            raise RuntimeError(f"{' '.join(cmd[2:4])} exited with {code}; see the log above")
+        return code
 
     @task
     def quantize_and_benchmark(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], merged_dir: str,
@@ -130,13 +138,41 @@ def finetune_llama3():
         print(f"benchmark: {benchmark}")
         return str(reports / "metrics.json")
 
+    @task.short_circuit
+    def gate(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], reports_dir: str,
+             overrides: list[str], metrics: str) -> bool:
+        """The accuracy gate (thresholds, and beating the re-scored champion). False skips register;
+        the refusal, with both scores, is in this log, in reports/gate.json and in MLflow."""
+        code = _ftlib(project_dir, params_file, overrides, "gate", "--metrics", metrics, "--adapter", adapter,
+                      "--data-dir", str(Path(splits["test"]).parent), "--json", str(_path(project_dir, reports_dir) / "gate.json"),
+                      ok=(0, 3))
+        return code == 0
+
+    @task
+    def register(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], reports_dir: str, merged_dir: str,
+                 quantized_dir: str, validated_dir: str, overrides: list[str]) -> dict[str, str]:
+        """Register the candidate as `challenger` (idempotent: a retry finds the version it made)."""
+        import json
+
+        reports = _path(project_dir, reports_dir)
+        _ftlib(project_dir, params_file, overrides, "register", "--adapter", adapter, "--data-dir", str(Path(splits["test"]).parent),
+               "--reports", str(reports), "--quantized", str(_path(project_dir, quantized_dir)),
+               "--merged", str(_path(project_dir, merged_dir)),
+               "--validation-report", str(_path(project_dir, validated_dir) / "report.json"),
+               "--json", str(reports / "registration.json"))
+        return json.loads((reports / "registration.json").read_text())
+
     report = validate("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.validated_dir }}")
     splits = split("{{ params.project_dir }}", "{{ params.params_file }}", "{{ params.raw_dir }}", "{{ params.splits_dir }}", report)
     adapter = train("{{ params.project_dir }}", "{{ params.params_file }}", splits, "{{ params.reports_dir }}", "{{ params.overrides }}")
     bench = quantize_and_benchmark("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.merged_dir }}",
                                    "{{ params.quantized_dir }}", "{{ params.reports_dir }}", "{{ params.overrides }}")
-    evaluate("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.reports_dir }}",
-             "{{ params.overrides }}", bench)
+    metrics = evaluate("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.reports_dir }}",
+                       "{{ params.overrides }}", bench)
+    passed = gate("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.reports_dir }}",
+                  "{{ params.overrides }}", metrics)
+    passed >> register("{{ params.project_dir }}", "{{ params.params_file }}", adapter, splits, "{{ params.reports_dir }}",
+                       "{{ params.merged_dir }}", "{{ params.quantized_dir }}", "{{ params.validated_dir }}", "{{ params.overrides }}")
 
 
 finetune_llama3()

@@ -766,6 +766,8 @@ def register(
     reports: Path = typer.Option(Path("reports"), "--reports", help="metrics.json (required), benchmark.json, plots, ..."),
     quantized: Path = typer.Option(Path("models/quantized"), "--quantized", help="GGUF files; the shippable ones are logged."),
     merged: Path = typer.Option(Path("models/merged"), "--merged", help="Merged model (logged when register.log_merged)."),
+    validation_report: Path = typer.Option(Path("data/validated/report.json"), "--validation-report", help="Logged with the run."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write {status, name, version, run_id, uri} here."),
     force: bool = typer.Option(False, "--force", help="Register even if the gate refuses (needs --reason; the version is tagged forced)."),
     reason: str = typer.Option("", "--reason", help="Why --force."),
     params_file: Path = ParamsOpt,
@@ -787,11 +789,17 @@ def register(
 
     params = _params(params_file, overrides)
     try:
-        r = run_register(params, adapter, data_dir, reports, quantized, merged, force=force, reason=reason,
+        r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
                          log=lambda m: err.print(f"[dim]{m}[/]"))
     except _registry_errors() as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
+    if json_out is not None:
+        import json as _json
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(_json.dumps({"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
+                                         "uri": f"models:/{r.name}/{r.version}" if r.version else None}, indent=2) + "\n")
     if r.gate is not None:
         out.print(_gate_table(r.gate))
     for m in r.messages:

@@ -429,6 +429,22 @@ def last_good_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
+def _finished(ckpt: str) -> bool:
+    """Did the run that wrote this checkpoint reach its last step (a rerun after success)?"""
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def _load_finished(trainer: Any, ckpt: str) -> None:
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    source = best if best and Path(best).is_dir() and trainer.args.load_best_model_at_end else ckpt
+    print(f"{ckpt} already finished at step {trainer.state.global_step}: loading {source} instead of training", flush=True)
+    trainer._load_from_checkpoint(source)
+
+
 # ---------------------------------------------------------------------------
 # The stage
 
@@ -470,6 +486,10 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
             callbacks=_callbacks(params, tracker, extra_callbacks or [], eval_ds is not None),
         )
         resume = last_good_checkpoint(ckpt_dir)
+        if resume and _finished(resume):
+            # The Trainer would run one more step when resumed mid-epoch at max_steps: load instead.
+            _load_finished(trainer, resume)
+            break
         if resume:
             print(f"resuming from {resume}", flush=True)
         try:

@@ -50,10 +50,13 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
         overrides = ["base_model={tiny_model}", "train.max_steps=2", "train.eval_steps=0", "train.per_device_train_batch_size=4",
                      "train.output_dir=" + tmp + "/adapter", "train.checkpoint_dir=" + tmp + "/ckpt",
                      "quantize.variants=q8_0,torch-int8", "benchmark.include_base=false", "benchmark.max_examples=3",
-                     "benchmark.decode_tokens=4", "benchmark.max_new_tokens=4"]
-        for name, raw in (("good", {str(good.parent)!r}), ("bad", {str(bad.parent)!r})):
+                     "benchmark.decode_tokens=4", "benchmark.max_new_tokens=4", "register.model_name=dag-test",
+                     "register.accuracy_threshold=0", "register.log_merged=false"]
+        refuse = overrides + ["register.accuracy_threshold=1.01", "train.output_dir=" + tmp + "/adapter_refused"]
+        for name, raw, o in (("good", {str(good.parent)!r}, overrides), ("bad", {str(bad.parent)!r}, overrides),
+                             ("refused", {str(good.parent)!r}, refuse)):
             run = dag.test(run_conf={{"raw_dir": raw, "validated_dir": raw + "/../out_" + name + "/validated",
-                                     "splits_dir": raw + "/../out_" + name + "/splits", "overrides": overrides,
+                                     "splits_dir": raw + "/../out_" + name + "/splits", "overrides": o,
                                      "reports_dir": tmp + "/reports_" + name, "merged_dir": tmp + "/merged",
                                      "quantized_dir": tmp + "/quantized"}})
             out[name] = {{"state": str(run.state), "tis": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}
@@ -64,7 +67,7 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[0][7:])
     assert out["errors"] == {} and "finetune_llama3" in out["dags"]
-    tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate"]
+    tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate", "gate", "register"]
     assert out["tasks"] == tasks and out["max_active_runs"] == 1
     assert out["good"]["state"] == "success", out["good"]
     assert out["good"]["tis"] == dict.fromkeys(tasks, "success")
@@ -77,6 +80,15 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert info["global_step"] == 2 and info["base_model"] == tiny_model
     splits = tmp_path / "out_good" / "splits"
     assert sum(len((splits / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "validation", "test")) == 30
+    registration = json.loads((tmp_path / "reports_good" / "registration.json").read_text())
+    assert registration["status"] == "registered" and registration["uri"] == "models:/dag-test/1"
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("dag-test", "challenger")
+    assert mv.tags["ftlib.lineage.airflow.dag_id"] == "finetune_llama3" and mv.tags["ftlib.lineage.airflow.run_id"]
+    assert out["refused"]["tis"] == {**dict.fromkeys(tasks[:-1], "success"), "register": "skipped"}
+    assert json.loads((tmp_path / "reports_refused" / "gate.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "adapter_refused" / "ftlib_train.json").read_text())["global_step"] == 2
     assert out["bad"]["state"] == "failed"
     assert out["bad"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
     assert not (tmp_path / "out_bad" / "splits").exists()

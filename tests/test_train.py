@@ -256,3 +256,18 @@ def test_partial_checkpoint_is_skipped_and_previous_good_one_used(tmp_path):
     assert last_good_checkpoint(tmp_path) == str(good)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "partial-checkpoint-10", "partial-checkpoint-4"]
     assert last_good_checkpoint(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.slow
+def test_rerun_after_success_mid_epoch_trains_no_extra_step(tmp_path, tiny_model):
+    """A retry of a finished run (its last checkpoint sits mid-epoch at max_steps) loads it, same weights."""
+    from safetensors.torch import load_file
+
+    data = make_splits(tmp_path / "s", n_train=24)
+    p = train_params(tiny_model, tmp_path, "train.method=lora", "train.max_steps=2", "train.save_steps=2")
+    first = train(p, data, None)
+    w1 = load_file(str(Path(p.train.output_dir) / "adapter_model.safetensors"))
+    again = train(p, data, None)
+    w2 = load_file(str(Path(p.train.output_dir) / "adapter_model.safetensors"))
+    assert first.global_step == again.global_step == 2
+    assert all((w1[k] - w2[k]).abs().max() == 0 for k in w1)
