@@ -199,7 +199,7 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
                                            }.get(r["kind"], (True, "reference"))
     q8 = next((r for r in rows if r["kind"] == "gguf-q8_0" and r.get("decode_tokens_per_s")), None)
     result = {
-        "ratio": round(q8["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3) if q8 and ref else None,
+        "ratio": round(q8["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3) if q8 and ref and ref.get("decode_tokens_per_s") else None,
         "ratio_definition": "Q8_0 GGUF (llama.cpp) decode tokens/s over fp32 transformers generate (merged model)",
         "test_file": str(test), "n": rows[0].get("n"), "variants": rows,
     }

@@ -883,6 +883,32 @@ def models_list(name: str = typer.Argument(..., help="Registered model name.")) 
     out.print(t)
 
 
+@models_app.command("pull")
+def models_pull(
+    uri: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION"),
+    out_dir: Path = typer.Option(Path("deploy"), "--out", help="Where the GGUF files and the Modelfile go."),
+) -> None:
+    """Download a version's shipped GGUF files and Ollama Modelfile (pointing at the smallest shippable GGUF).
+
+    [b]Examples[/]
+
+      ftlib models pull models:/ftlib-sentiment@champion --out deploy
+
+      cd deploy && ollama create sentiment -f Modelfile && ollama run sentiment "Loved it"
+
+      python -m llama_cpp.server --model deploy/model-q8_0.gguf --port 8081
+    """
+    from ftlib.serve import pull_gguf
+
+    try:
+        files = pull_gguf(uri, out_dir)
+    except _registry_errors() as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    for f in files:
+        out.print(f"{f}  ({f.stat().st_size / 2**20:,.1f} MiB)")
+
+
 @app.command()
 def lineage(
     uri: str = typer.Argument(..., help="models:/NAME/VERSION or models:/NAME@ALIAS"),
@@ -985,16 +1011,19 @@ def serve(
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),
+    do_register: bool = typer.Option(True, "--register/--no-register", help="Gate and register the result in MLflow at the end."),
 ) -> None:
-    """Run the whole pipeline locally through DVC (`dvc repro`), then list where every output went.
+    """Run the whole pipeline locally through DVC (`dvc repro`), list where every output went, then gate and register.
 
-    DVC skips stages whose data, code and params did not change, so a second run is instant. Run it from the project root (where dvc.yaml is).
+    DVC skips stages whose data, code and params did not change, so a second run is instant (and registers nothing new: the same training output is registered once). The model is registered as `challenger` only if the gate passes; its lineage is printed. Run it from the project root (where dvc.yaml is).
 
     [b]Examples[/]
 
       ftlib run
 
       ftlib run --force
+
+      ftlib run --no-register
     """
     import os
     import subprocess
@@ -1049,7 +1078,26 @@ def run_pipeline(
         keys = [k for k in ("accuracy", "precision", "recall", "f1", "f1_macro", "n") if k in m]
         out.print("fine-tuned model on the test split (reports/metrics.json): " + ", ".join(
             f"{k} {m[k]:.3f}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys))
-    out.print("see also: dvc metrics show | dvc plots show | mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    if do_register:
+        from ftlib.register import register as run_register
+
+        params = _params(Path("params.yaml"), None)
+        try:
+            r = run_register(params, log=lambda m: err.print(f"[dim]{m}[/]"))
+        except _registry_errors() as e:
+            err.print(f"[red]registration failed:[/] {e}")
+            raise typer.Exit(1)
+        if r.gate is not None:
+            out.print(_gate_table(r.gate))
+        for m in r.messages:
+            out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+        if r.status == "refused":
+            out.print(f"the decision and both scores are in MLflow run {r.run_id} and reports/gate.json; "
+                      "lower register.accuracy_threshold or improve the data/params and rerun")
+        else:
+            lineage(f"models:/{r.name}/{r.version}", check=False, data_dir=Path("data/splits"))
+            out.print(f"promote it: ftlib promote {r.name} --version {r.version} --reason '...'")
+    out.print("see also: dvc metrics show | dvc plots show | ftlib models list NAME | mlflow ui --backend-store-uri sqlite:///mlflow.db")
 
 
 def entrypoint() -> None:

@@ -186,16 +186,23 @@ def serve(uri: str, host: str = "127.0.0.1", port: int = 8080, runtime: str = "t
         httpd.server_close()
 
 
-def write_modelfile_bundle(uri: str, out_dir: Path) -> Path:
-    """The shipped GGUF and its Modelfile in one folder, ready for `ollama create` or llama.cpp's server."""
+def pull_gguf(uri: str, out_dir: Path) -> list[Path]:
+    """A version's shipped GGUF files and their Modelfile into out_dir: ready for
+    `ollama create NAME -f Modelfile` or `python -m llama_cpp.server --model FILE.gguf`."""
     import shutil
+    import tempfile
 
-    from ftlib.register import client, get_version
+    from ftlib.register import RegistryError, client, get_version
 
     mv = get_version(client(), uri)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="gguf", dst_path=str(out_dir / ".dl")))
-    for f in run_dir.iterdir():
-        shutil.move(str(f), out_dir / f.name)
-    shutil.rmtree(out_dir / ".dl", ignore_errors=True)
-    return out_dir
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="gguf", dst_path=tmp))
+        except Exception as e:  # noqa: BLE001  (MLflow raises several types for a missing path)
+            raise RegistryError(f"{uri}: v{mv.version} has no GGUF artifacts (none passed the benchmark's parity rule?): {e}") from None
+        files = []
+        for f in sorted(got.iterdir()):
+            shutil.move(str(f), out_dir / f.name)
+            files.append(out_dir / f.name)
+    return files

@@ -57,3 +57,20 @@ def test_generate_cli(parrot):
     assert r.output.strip().endswith("POSITIVO")  # (transformers may print a loading bar first)
     r = CliRunner().invoke(app, ["generate", "-m", "./no/such/model", "hola"])
     assert r.exit_code == 2 and "no such directory" in r.output
+
+
+def test_decode_rate_is_the_marginal_speed_and_none_when_unmeasurable():
+    import time as _time
+
+    from ftlib.generate import decode_rate
+
+    calls = []
+
+    def run(n: int) -> None:  # 2 ms of "prompt", then 1 ms per new token
+        calls.append(n)
+        _time.sleep(0.002 + 0.001 * n)
+
+    rate = decode_rate(run, 20)
+    assert calls[0] == 1 and len(calls) == 7  # warm-up, then best of 3 for each length
+    assert 500 < rate <= 1000  # sleep only overshoots, so never faster than 1000 tokens/s
+    assert decode_rate(lambda n: _time.sleep(0.01 if n == 1 else 0.0), 20) is None

@@ -320,3 +320,49 @@ def test_serve_answers_with_a_label_and_follows_the_alias(work, tiny_model, tiny
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_gguf_deploy_runtime_pull_and_llama_cpp_server(work, tiny_model, tiny_adapter, tmp_path):
+    """The shipped GGUF: served by `ftlib serve --runtime llama.cpp`, pulled with its Modelfile,
+    and answered by llama.cpp's own OpenAI-compatible server (llama-cpp-python[server])."""
+    from ftlib.quantize import quantize
+
+    quantize(tiny_adapter, work / "models" / "quantized", work / "models" / "merged", ["q8_0"], "float16", progress=lambda m: None)
+    n = name()
+    r = CliRunner().invoke(app, ["register", "-o", f"base_model={tiny_model}", "-o", f"register.model_name={n}",
+                                 "-o", "register.accuracy_threshold=0", "--adapter", tiny_adapter, "--json", "reports/reg.json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((work / "reports" / "reg.json").read_text())["uri"] == f"models:/{n}/1"
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ftlib", "serve", "-m", f"models:/{n}/1", "--runtime", "llama.cpp",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": ["great", "awful"]}).encode())
+        preds = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+        assert len(preds) == 2 and all(p in LABELS for p in preds)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    deploy = tmp_path / "deploy"
+    pulled = CliRunner().invoke(app, ["models", "pull", f"models:/{n}/1", "--out", str(deploy)])
+    assert pulled.exit_code == 0, pulled.output
+    assert (deploy / "model-q8_0.gguf").is_file()
+    assert "FROM ./model-q8_0.gguf" in (deploy / "Modelfile").read_text()
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(deploy / "model-q8_0.gguf"),
+                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", server)
+        body = {"messages": [{"role": "user", "content": "Clasifica el sentimiento\n\ngreat"}], "max_tokens": 4, "temperature": 0}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert isinstance(answer["choices"][0]["message"]["content"], str) and answer["usage"]["completion_tokens"] >= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
