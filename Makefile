@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   create .venv if missing, then run the pipeline (dvc repro) on the embedded model
+#   make demo   create .venv if missing, then run the pipeline (dvc repro) on the embedded model, gate and register it in MLflow
 #   make test   create .venv if missing, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv

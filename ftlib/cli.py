@@ -925,8 +925,6 @@ def lineage(
     """
     import json as _json
 
-    from rich.tree import Tree
-
     from ftlib import lineage as lin
     from ftlib.register import client, get_version
 
@@ -941,27 +939,25 @@ def lineage(
     train = params.get("train", {})
     aliases = ", ".join(f"@{a}" for a in mv.aliases) or "no alias"
     metric = next((k for k in ("ftlib.accuracy", "ftlib.exact_match") if k in mv.tags), None)
-    tree = Tree(f"[b]{mv.name} v{mv.version}[/] ({aliases}) gate: {mv.tags.get('ftlib.gate', '?')}"
-                + (f", {metric[6:]} {mv.tags[metric]}" if metric else ""))
-    run = tree.add(f"MLflow run [b]{mv.run_id}[/] (register); training run {info.get('train.mlflow_run_id', '?')}, "
-                   f"step {info.get('train.global_step', '?')}")
-    p = run.add(f"params hash [b]{info.get('params.hash', '?')}[/]: base_model {info.get('base_model')} "
-                f"[{info.get('base_model.revision')}], method {train.get('method')}, lora_r {train.get('lora_r')}, "
-                f"lora_alpha {train.get('lora_alpha')}, lr {train.get('learning_rate')}, epochs {train.get('num_train_epochs')}, seed {train.get('seed')}")
-    splits = p.add(f"splits (split seed {params.get('split', {}).get('seed')}; dvc.lock {info.get('dvc.lock', '?')})")
-    for s in lin.SPLITS:
-        splits.add(f"{s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}")
-    raw = splits.add("raw data")
-    for k, v in info.items():
-        if k.startswith("dvc.raw."):
-            raw.add(f"{k[len('dvc.raw.'):]} md5 {v}")
-    raw.add(f"stages: {info.get('dvc.stages', 'n/a')}")
-    tree.add(f"code: git {info.get('git.commit')} (dirty: {info.get('git.dirty')})")
-    tree.add(f"libraries: {info.get('libraries')}")
-    tree.add(f"hardware: {info.get('hardware')}")
+    lines = [
+        f"{mv.name} v{mv.version} ({aliases}) gate: {mv.tags.get('ftlib.gate', '?')}" + (f", {metric[6:]} {mv.tags[metric]}" if metric else ""),
+        f"  -> MLflow run {mv.run_id} (register); training run {info.get('train.mlflow_run_id', '?')}, step {info.get('train.global_step', '?')}",
+        f"    -> params hash {info.get('params.hash', '?')}: base_model {info.get('base_model')} [{info.get('base_model.revision')}], "
+        f"method {train.get('method')}, lora_r {train.get('lora_r')}, lora_alpha {train.get('lora_alpha')}, "
+        f"lr {train.get('learning_rate')}, epochs {train.get('num_train_epochs')}, seed {train.get('seed')}",
+        f"      -> splits (split seed {params.get('split', {}).get('seed')}; dvc.lock {info.get('dvc.lock', '?')})",
+        *[f"           {s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}" for s in lin.SPLITS],
+        "        -> raw data",
+        *[f"             {k[len('dvc.raw.'):]} md5 {v}" for k, v in info.items() if k.startswith("dvc.raw.")],
+        f"          -> stages: {info.get('dvc.stages', 'n/a')}",
+        f"  code: git {info.get('git.commit')} (dirty: {info.get('git.dirty')})",
+        f"  libraries: {info.get('libraries')}",
+        f"  hardware: {info.get('hardware')}",
+    ]
     if "airflow.run_id" in info:
-        tree.add(f"airflow: dag {info.get('airflow.dag_id')} run {info['airflow.run_id']}")
-    out.print(tree)
+        lines.append(f"  airflow: dag {info.get('airflow.dag_id')} run {info['airflow.run_id']}")
+    for line in lines:
+        out.print(line, markup=False)
     out.print("[b]rebuild[/]")
     for cmd in lin.rebuild_commands(info, mv.name, str(mv.version)):
         out.print(f"  {cmd}", markup=False)

@@ -498,7 +498,8 @@ def local_copy(uri: str, dest_root: Path | None = None) -> Path:
     from ftlib.models import cache_dir
 
     tracking = hashlib.sha256(os.environ["MLFLOW_TRACKING_URI"].encode()).hexdigest()[:8]
-    dest = (dest_root or cache_dir() / "registry") / tracking / mv.name / str(mv.version)
+    # the run id too: a model deleted and registered again reuses version numbers
+    dest = (dest_root or cache_dir() / "registry") / tracking / mv.name / f"{mv.version}-{mv.run_id[:12]}"
     if not (dest / "MLmodel").is_file():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

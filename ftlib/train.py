@@ -517,7 +517,9 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         output_dir=cfg.output_dir, run_key=key, global_step=state.global_step, resumed_from=first_resume,
         train_examples=len(train_ds), seconds=seconds, train_seconds=tracker.train_seconds,
         examples_per_s=_throughput(tracker.history), metrics=final_metrics,
-        oom_backoffs=backoffs, mlflow_run_id=tracker.run_id,
+        oom_backoffs=backoffs,
+        # a finished run loaded from its checkpoint keeps the MLflow run it was trained in
+        mlflow_run_id=tracker.run_id or (run_file.read_text().strip() if run_file.is_file() else None),
     )
     _save(trainer, tokenizer, params, result, data_dir)
     if reports_dir is not None:

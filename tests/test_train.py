@@ -271,3 +271,4 @@ def test_rerun_after_success_mid_epoch_trains_no_extra_step(tmp_path, tiny_model
     w2 = load_file(str(Path(p.train.output_dir) / "adapter_model.safetensors"))
     assert first.global_step == again.global_step == 2
     assert all((w1[k] - w2[k]).abs().max() == 0 for k in w1)
+    assert first.mlflow_run_id and again.mlflow_run_id == first.mlflow_run_id  # lineage keeps the training run
