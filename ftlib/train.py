@@ -396,6 +396,17 @@ def _tune_lm_head(tokens: int) -> None:
         trl_utils._use_triton = compact
 
 
+def _run_exists(run_id: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def setup_mlflow() -> None:
     """Local `sqlite:///mlflow.db` unless MLFLOW_TRACKING_URI says otherwise."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
@@ -466,6 +477,8 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
     ckpt_dir = Path(cfg.checkpoint_dir) / key
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     run_file = ckpt_dir / "mlflow_run_id"
+    if run_file.is_file() and not _run_exists(run_file.read_text().strip()):
+        run_file.unlink()  # the store was reset or MLFLOW_TRACKING_URI changed: start a new run
     if run_file.is_file():  # a retry continues the same MLflow run
         os.environ["MLFLOW_RUN_ID"] = run_file.read_text().strip()
     bf16 = use_bf16(cfg.bf16)

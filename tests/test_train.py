@@ -272,3 +272,15 @@ def test_rerun_after_success_mid_epoch_trains_no_extra_step(tmp_path, tiny_model
     assert first.global_step == again.global_step == 2
     assert all((w1[k] - w2[k]).abs().max() == 0 for k in w1)
     assert first.mlflow_run_id and again.mlflow_run_id == first.mlflow_run_id  # lineage keeps the training run
+
+
+@pytest.mark.slow
+def test_a_reset_mlflow_store_leaves_no_dangling_training_run_id(tmp_path, tiny_model, monkeypatch):
+    """A finished checkpoint remembers its MLflow run; against a new store that id means nothing."""
+    data = make_splits(tmp_path / "s", n_train=24)
+    p = train_params(tiny_model, tmp_path, "train.method=lora", "train.max_steps=2", "train.save_steps=2")
+    first = train(p, data, None)
+    assert first.mlflow_run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh.db'}")
+    again = train(p, data, None)
+    assert again.global_step == 2 and again.mlflow_run_id is None
