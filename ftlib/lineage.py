@@ -59,6 +59,17 @@ def dvc_lock(root: Path) -> dict[str, Any]:
             for name, s in stages.items()}
 
 
+def pipeline_outputs(root: Path) -> list[str]:
+    """dvc.lock and every out/metric/plot path dvc.yaml declares."""
+    dvc_yaml = root / "dvc.yaml"
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.is_file() else {}
+    found = ["dvc.lock"]
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            found += [next(iter(e)) if isinstance(e, dict) else str(e) for e in stage.get(kind, [])]
+    return found
+
+
 def stage_graph(root: Path) -> list[str]:
     """Stage names of dvc.yaml in file order (it is written in dependency order)."""
     dvc_yaml = root / "dvc.yaml"
@@ -119,7 +130,15 @@ def collect(params: dict[str, Any], data_dir: Path, adapter: Path, root: Path = 
     commit = git(root, "rev-parse", "HEAD")
     tags["git.commit"] = commit or "none (not a git repository or no commit)"
     dirty = git(root, "status", "--porcelain", "--untracked-files=no")
-    tags["git.dirty"] = "unknown" if dirty is None else str(bool(dirty)).lower()
+    if dirty is None:
+        tags["git.dirty"] = "unknown"
+    else:  # pipeline outputs (dvc.lock, reports, ...) change on every run: only source edits count
+        outputs = pipeline_outputs(root)
+        paths = [line.split(maxsplit=1)[1].split(" -> ")[-1] for line in dirty.splitlines() if line.strip()]
+        changed = [p for p in paths if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in outputs)]
+        tags["git.dirty"] = str(bool(changed)).lower()
+        if changed:
+            tags["git.dirty_files"] = " ".join(changed[:20])
     remote = git(root, "remote", "get-url", "origin")
     if remote:
         tags["git.remote"] = remote
