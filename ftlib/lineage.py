@@ -60,10 +60,10 @@ def dvc_lock(root: Path) -> dict[str, Any]:
 
 
 def pipeline_outputs(root: Path) -> list[str]:
-    """dvc.lock and every out/metric/plot path dvc.yaml declares."""
+    """dvc.lock, the gate/registration reports and every out/metric/plot path dvc.yaml declares."""
     dvc_yaml = root / "dvc.yaml"
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.is_file() else {}
-    found = ["dvc.lock"]
+    found = ["dvc.lock", "reports/gate.json", "reports/registration.json"]  # + what gate/register write
     for stage in stages.values():
         for kind in ("outs", "metrics", "plots"):
             found += [next(iter(e)) if isinstance(e, dict) else str(e) for e in stage.get(kind, [])]
