@@ -67,7 +67,7 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[0][7:])
     assert out["errors"] == {} and "finetune_llama3" in out["dags"]
-    tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate", "gate", "register"]
+    tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate", "gate", "register", "summary"]
     assert out["tasks"] == tasks and out["max_active_runs"] == 1
     assert out["good"]["state"] == "success", out["good"]
     assert out["good"]["tis"] == dict.fromkeys(tasks, "success")
@@ -86,7 +86,10 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
 
     mv = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("dag-test", "challenger")
     assert mv.tags["ftlib.lineage.airflow.dag_id"] == "finetune_llama3" and mv.tags["ftlib.lineage.airflow.run_id"]
-    assert out["refused"]["tis"] == {**dict.fromkeys(tasks[:-1], "success"), "register": "skipped"}
+    assert out["refused"]["tis"] == {**dict.fromkeys(tasks, "success"), "register": "skipped"}
+    summary = (tmp_path / "reports_refused" / "summary.md").read_text()
+    assert "| gate | refused |" in summary and "| registered | None |" in summary
+    assert "| registered | models:/dag-test/1 |" in (tmp_path / "reports_good" / "summary.md").read_text()
     assert json.loads((tmp_path / "reports_refused" / "gate.json").read_text())["passed"] is False
     assert json.loads((tmp_path / "adapter_refused" / "ftlib_train.json").read_text())["global_step"] == 2
     assert out["bad"]["state"] == "failed"

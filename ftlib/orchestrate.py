@@ -1,0 +1,164 @@
+"""What the Airflow DAGs need beyond the stage functions: UI params -> overrides, the data-landing
+move, the run summary, and the GPU training pod.
+
+Light at import (stdlib only): DAG files import it at parse time. The Kubernetes provider
+(0.7 s to import) is only imported when a pod is built, inside a running task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+# DAG param -> (params.yaml key, JSON schema). null = keep the params.yaml value.
+TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "base_model": ("base_model", {"type": ["null", "string"], "minLength": 1,
+                                  "description": "embedded:smollm2-135m-instruct, a hub id (meta-llama/Meta-Llama-3-8B-Instruct) or a local dir"}),
+    "method": ("train.method", {"type": ["null", "string"], "enum": [None, "qlora", "lora", "full", "prompt_tuning"]}),
+    "lora_r": ("train.lora_r", {"type": ["null", "integer"], "minimum": 1, "maximum": 256}),
+    "lora_alpha": ("train.lora_alpha", {"type": ["null", "integer"], "minimum": 1, "maximum": 512}),
+    "learning_rate": ("train.learning_rate", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 0.1}),
+    "num_train_epochs": ("train.num_train_epochs", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 100}),
+    "max_steps": ("train.max_steps", {"type": ["null", "integer"], "minimum": -1,
+                                      "description": "-1 = train num_train_epochs; otherwise stop after this many steps"}),
+    "accuracy_threshold": ("register.accuracy_threshold", {"type": ["null", "number"], "minimum": 0, "maximum": 1}),
+    "min_improvement": ("register.min_improvement", {"type": ["null", "number"], "minimum": -1, "maximum": 1}),
+}
+
+
+def overrides(conf: dict[str, Any], extra: list[str] | None = None) -> list[str]:
+    """`section.key=value` overrides from the DAG params that were set (not null)."""
+    out = [f"{key}={conf[name]}" for name, (key, _) in TUNABLES.items() if conf.get(name) is not None]
+    return out + list(extra or [])
+
+
+# ---------------------------------------------------------------------------
+# Data landing
+
+def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path]:
+    """Move every finished *.jsonl from the landing folder into data/raw; the moved paths.
+
+    A file still being written (modified in the last `settle_s` seconds) waits for the
+    next poll. os.replace within one filesystem is atomic: a file is either in landing
+    or in raw, never lost or half-copied. Name clashes get a timestamp prefix, never
+    overwrite earlier data.
+    """
+    landing, raw = Path(landing), Path(raw)
+    if not landing.is_dir():
+        return []
+    raw.mkdir(parents=True, exist_ok=True)
+    moved = []
+    now = time.time()
+    for f in sorted(landing.glob("*.jsonl")):
+        if not f.is_file() or now - f.stat().st_mtime < settle_s:
+            continue
+        target = raw / f.name
+        if target.exists():
+            target = raw / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6:06d}-{f.name}"
+        os.replace(f, target)
+        moved.append(target)
+    return moved
+
+
+# ---------------------------------------------------------------------------
+# Summary
+
+def summary(reports: Path, splits: Path) -> dict[str, Any]:
+    """One dict (and reports/summary.md) with what the run produced and decided."""
+    def read(name: str) -> dict[str, Any]:
+        f = reports / name
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    metrics, gate, reg, bench = read("metrics.json"), read("gate.json"), read("registration.json"), read("benchmark.json")
+    counts = {s: sum(1 for line in (splits / f"{s}.jsonl").open() if line.strip()) if (splits / f"{s}.jsonl").is_file() else 0
+              for s in ("train", "validation", "test")}
+    shipped = [v["name"] for v in bench.get("variants", []) if v.get("shippable") and str(v.get("kind", "")).startswith("gguf")]
+    s = {
+        "examples": counts,
+        "accuracy": metrics.get("accuracy", metrics.get("exact_match")), "f1": metrics.get("f1"),
+        "gate": "passed" if gate.get("passed") else ("refused" if gate else "not run"),
+        "gate_reasons": gate.get("reasons", []),
+        "champion_rescored": (gate.get("champion") or {}).get("score"),
+        "registered": reg.get("uri") if reg.get("version") else None,
+        "registration": reg.get("status", "not run"),
+        "q8_0_decode_ratio": bench.get("ratio"), "shipped_gguf": shipped,
+    }
+    lines = ["# ftlib run summary", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in s.items()]
+    (reports / "summary.md").write_text("\n".join(lines) + "\n")
+    return s
+
+
+# ---------------------------------------------------------------------------
+# The GPU pod
+
+POD_DEFAULTS = {
+    "image": "ghcr.io/ftlib/trainer:latest",     # docker/trainer.Dockerfile
+    "namespace": "ml",
+    "pvc": "ftlib-work",                          # holds the project checkout: data/, models/, reports/
+    "workdir": "/work",
+    "node_selector": {"nvidia.com/gpu.present": "true"},
+    "toleration_key": "nvidia.com/gpu",
+    "cpu": "8", "memory": "48Gi", "memory_limit": "64Gi",
+    "mlflow_secret": "ftlib-mlflow",              # key tracking_uri (+ username/password)
+    "storage_secret": "ftlib-object-store",       # AWS_* keys for the DVC remote / MLflow artifacts
+}
+
+
+def pod_setting(name: str) -> str | dict[str, str]:
+    """FTLIB_POD_<NAME> from the environment (the Airflow deployment), else the default."""
+    value = os.environ.get(f"FTLIB_POD_{name.upper()}")
+    if value is None:
+        return POD_DEFAULTS[name]
+    return json.loads(value) if name == "node_selector" else value
+
+
+def pod_command(args: list[str], gpus: int) -> list[str]:
+    """`ftlib ARGS`, under `accelerate launch` (one process per GPU) when more than one GPU."""
+    if gpus > 1:
+        return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "ftlib", *args]
+    return ["ftlib", *args]
+
+
+def gpu_pod(task_id: str, args: list[str], gpus: int = 1) -> Any:
+    """A KubernetesPodOperator running `ftlib ARGS` on a GPU node (built inside a running task)."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.secret import Secret
+    from kubernetes.client import models as k8s
+
+    workdir = str(pod_setting("workdir"))
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name=f"ftlib-{task_id.replace('_', '-')}",
+        namespace=str(pod_setting("namespace")),
+        image=str(pod_setting("image")),
+        cmds=["bash", "-c"],
+        arguments=[f"cd {shlex.quote(workdir)} && exec {shlex.join(pod_command(args, gpus))}"],
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"cpu": str(pod_setting("cpu")), "memory": str(pod_setting("memory")), "nvidia.com/gpu": str(gpus)},
+            limits={"memory": str(pod_setting("memory_limit")), "nvidia.com/gpu": str(gpus)},
+        ),
+        node_selector=dict(pod_setting("node_selector")),  # type: ignore[arg-type]
+        tolerations=[k8s.V1Toleration(key=str(pod_setting("toleration_key")), operator="Exists", effect="NoSchedule")],
+        volumes=[k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=str(pod_setting("pvc"))))],
+        volume_mounts=[k8s.V1VolumeMount(name="work", mount_path=workdir)],
+        env_vars=[
+            k8s.V1EnvVar(name="MLFLOW_TRACKING_URI", value_from=k8s.V1EnvVarSource(
+                secret_key_ref=k8s.V1SecretKeySelector(name=str(pod_setting("mlflow_secret")), key="tracking_uri"))),
+            k8s.V1EnvVar(name="HF_HOME", value=f"{workdir}/.cache/huggingface"),
+            k8s.V1EnvVar(name="FTLIB_CACHE", value=f"{workdir}/.cache/ftlib"),
+        ],
+        secrets=[Secret("env", None, str(pod_setting("storage_secret")))],  # every key as an env var
+        security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, run_as_group=1000, fs_group=1000),
+        container_security_context=k8s.V1SecurityContext(
+            allow_privilege_escalation=False, run_as_non_root=True, capabilities=k8s.V1Capabilities(drop=["ALL"])),
+        labels={"app.kubernetes.io/name": "ftlib", "ftlib/stage": task_id},
+        on_finish_action="delete_succeeded_pod",  # keep failed pods for `kubectl logs`
+        get_logs=True,
+        startup_timeout_seconds=1800,  # GPU nodes may have to scale up first
+    )
