@@ -21,13 +21,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from ftlib.orchestrate import TUNABLES
+from ftlib.orchestrate import TUNABLES, raw_data_asset
 
 # The project checkout the tasks work in (the image's working dir in production).
 PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
-RAW_DATA = Asset(name="ftlib_raw_data", uri=f"file://{Path(PROJECT_DIR, 'data', 'raw')}")
+RAW_DATA = raw_data_asset(PROJECT_DIR)
 RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00 UTC
 
 

@@ -39,6 +39,13 @@ def overrides(conf: dict[str, Any], extra: list[str] | None = None) -> list[str]
 # ---------------------------------------------------------------------------
 # Data landing
 
+def raw_data_asset(project_dir: str | Path) -> Any:
+    """The asset both DAGs share: data/raw of the project (updated by data_landing, consumed by finetune_llama3)."""
+    from airflow.sdk import Asset
+
+    return Asset(name="ftlib_raw_data", uri=f"file://{Path(project_dir, 'data', 'raw')}")
+
+
 def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path]:
     """Move every finished *.jsonl from the landing folder into data/raw; the moved paths.
 

@@ -20,11 +20,14 @@ def airflow_env(home: Path) -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def test_dag_file_imports_nothing_heavy_at_parse_time(tmp_path):
+@pytest.mark.parametrize("dag_file", ["finetune_llama3.py", "data_landing.py", "promote_model.py"])
+def test_dag_file_imports_nothing_heavy_at_parse_time(tmp_path, dag_file):
     code = textwrap.dedent(f"""
-        import sys, runpy
-        runpy.run_path({str(DAGS / 'finetune_llama3.py')!r})
-        heavy = [m for m in ("torch", "transformers", "great_expectations", "trl", "peft", "mlflow") if m in sys.modules]
+        import sys, runpy, time
+        t = time.perf_counter()
+        runpy.run_path({str(DAGS / dag_file)!r})
+        heavy = [m for m in ("torch", "transformers", "great_expectations", "trl", "peft", "mlflow",
+                             "airflow.providers.cncf.kubernetes.operators.pod", "kubernetes.client") if m in sys.modules]
         print(heavy)
     """)
     r = subprocess.run([sys.executable, "-c", code], env=airflow_env(tmp_path / "af"), capture_output=True, text=True, timeout=120)
@@ -60,13 +63,49 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
                                      "reports_dir": tmp + "/reports_" + name, "merged_dir": tmp + "/merged",
                                      "quantized_dir": tmp + "/quantized"}})
             out[name] = {{"state": str(run.state), "tis": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}
+
+        # promotion DAG: promote the challenger, then a rollback with nothing to roll back to fails clearly
+        promote = bag.dags["promote_model"]
+        def conf(**kw):  # every key each time: dag.test() keeps the previous run's conf in the DAG's params
+            return {{"model_name": "dag-test", "action": "promote", "version": None, "alias": "challenger",
+                    "reason": "", "force": False, **kw}}
+        for name, c in (("promote", conf(reason="dag test")), ("rollback", conf(action="rollback"))):
+            out[name] = str(promote.test(run_conf=c).state)
+        from mlflow import MlflowClient
+        c = MlflowClient()
+        out["champion"] = str(c.get_model_version_by_alias("dag-test", "champion").version)
+        out["promoted_by"] = c.get_model_version("dag-test", "1").tags.get("ftlib.promoted_by", "")
+        c.set_model_version_tag("dag-test", "1", "ftlib.gate", "failed")  # as if it had failed the gate
+        out["promote_refused"] = str(promote.test(run_conf=conf(version=1)).state)
+        out["promote_forced"] = str(promote.test(run_conf=conf(version=1, force=True, reason="accepting the risk")).state)
+
+        # data landing: three files land at once -> one run moves them all and emits one asset event
+        import os, time
+        from airflow.models.asset import AssetEvent
+        from airflow.utils.session import create_session
+        landing, raw = tmp + "/landing", tmp + "/landed_raw"
+        os.makedirs(landing)
+        for i in range(3):
+            p = f"{{landing}}/batch{{i}}.jsonl"
+            open(p, "w").write("{{}}\\n")
+            os.utime(p, (time.time() - 60, time.time() - 60))
+        land = bag.dags["data_landing"]
+        with create_session() as s:
+            before = s.query(AssetEvent).count()
+        tis = {{}}
+        for attempt in ("burst", "empty"):
+            run = land.test(run_conf={{"landing_dir": landing, "raw_dir": raw}})
+            tis[attempt] = {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}
+        with create_session() as s:
+            events = [e.asset.name for e in s.query(AssetEvent).all()][before:]
+        out["landing"] = {{"tis": tis, "events": events, "raw": sorted(os.listdir(raw)), "left": os.listdir(landing)}}
         print("RESULT " + json.dumps(out))
     """)
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[0][7:])
-    assert out["errors"] == {} and "finetune_llama3" in out["dags"]
+    assert out["errors"] == {} and out["dags"] == ["data_landing", "finetune_llama3", "promote_model"]
     tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate", "gate", "register", "summary"]
     assert out["tasks"] == tasks and out["max_active_runs"] == 1
     assert out["good"]["state"] == "success", out["good"]
@@ -84,7 +123,7 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert registration["status"] == "registered" and registration["uri"] == "models:/dag-test/1"
     from mlflow import MlflowClient
 
-    mv = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("dag-test", "challenger")
+    mv = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version("dag-test", "1")
     assert mv.tags["ftlib.lineage.airflow.dag_id"] == "finetune_llama3" and mv.tags["ftlib.lineage.airflow.run_id"]
     assert out["refused"]["tis"] == {**dict.fromkeys(tasks, "success"), "register": "skipped"}
     summary = (tmp_path / "reports_refused" / "summary.md").read_text()
@@ -92,6 +131,13 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert "| registered | models:/dag-test/1 |" in (tmp_path / "reports_good" / "summary.md").read_text()
     assert json.loads((tmp_path / "reports_refused" / "gate.json").read_text())["passed"] is False
     assert json.loads((tmp_path / "adapter_refused" / "ftlib_train.json").read_text())["global_step"] == 2
+    assert out["promote"] == "success" and out["champion"] == "1" and out["promoted_by"].startswith("airflow:")
+    assert out["rollback"] == "failed"  # no previous champion: a clear refusal, not a silent no-op
+    assert out["promote_refused"] == "failed" and out["promote_forced"] == "success"
+    landing = out["landing"]
+    assert landing["tis"] == {"burst": {"collect": "success"}, "empty": {"collect": "skipped"}}
+    assert landing["events"] == ["ftlib_raw_data"]  # one event for the burst, none for the empty poll
+    assert landing["raw"] == ["batch0.jsonl", "batch1.jsonl", "batch2.jsonl"] and landing["left"] == []
     assert out["bad"]["state"] == "failed"
     assert out["bad"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
     assert not (tmp_path / "out_bad" / "splits").exists()

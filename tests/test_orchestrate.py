@@ -1,0 +1,103 @@
+"""Airflow glue: UI params -> overrides, the landing move, the GPU pod spec (rendered with the
+provider's own pod-building code; no cluster exists here, so the pod is built, not run),
+and the extra-links plugin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftlib.orchestrate import TUNABLES, collect_landed, gpu_pod, overrides, pod_command
+from tests.conftest import REPO
+
+
+def test_only_set_params_become_overrides():
+    conf = dict.fromkeys(TUNABLES) | {"lora_r": 8, "learning_rate": 5e-5, "method": "lora"}
+    assert overrides(conf, ["train.lora_dropout=0.05"]) == [
+        "train.method=lora", "train.lora_r=8", "train.learning_rate=5e-05", "train.lora_dropout=0.05"]
+    from ftlib.config import load_params
+
+    p = load_params(REPO / "params.yaml", overrides(conf))
+    assert (p.train.method, p.train.lora_r, p.train.learning_rate) == ("lora", 8, 5e-5)
+
+
+def test_collect_landed_moves_finished_files_atomically_and_never_overwrites(tmp_path):
+    landing, raw = tmp_path / "landing", tmp_path / "raw"
+    landing.mkdir()
+    raw.mkdir()
+    (raw / "a.jsonl").write_text("old\n")
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl", "notes.txt"):
+        (landing / name).write_text(f"{name}\n")
+        os.utime(landing / name, (time.time() - 60, time.time() - 60))
+    (landing / "writing.jsonl").write_text("half")  # just modified: still being written
+    moved = collect_landed(landing, raw)
+    assert len(moved) == 3 and (raw / "a.jsonl").read_text() == "old\n"  # a clash is renamed, not overwritten
+    assert sorted(p.read_text() for p in raw.glob("*.jsonl")) == ["a.jsonl\n", "b.jsonl\n", "c.jsonl\n", "old\n"]
+    assert sorted(p.name for p in landing.iterdir()) == ["notes.txt", "writing.jsonl"]
+    assert collect_landed(landing, raw) == []  # nothing finished is left
+    assert collect_landed(tmp_path / "missing", raw) == []
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_gpu_pod_spec(gpus, monkeypatch):
+    monkeypatch.setenv("FTLIB_POD_IMAGE", "registry.example/ftlib-trainer:1.2.3")
+    monkeypatch.setenv("FTLIB_POD_NODE_SELECTOR", '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}')
+    op = gpu_pod("train", ["train", "--data-dir", "data/splits", "-o", "train.lora_r=8"], gpus)
+    pod = op.build_pod_request_obj(dry_run=True)  # the provider's own pod-building code, no cluster needed
+    spec, c = pod.spec, pod.spec.containers[0]
+    assert c.image == "registry.example/ftlib-trainer:1.2.3"
+    script = c.args[0]
+    assert c.command == ["bash", "-c"] and script.startswith("cd /work && exec ")
+    if gpus > 1:
+        assert "accelerate launch --multi_gpu --num_processes 4 -m ftlib train" in script
+    else:
+        assert "exec ftlib train --data-dir data/splits -o train.lora_r=8" in script
+    assert c.resources.limits["nvidia.com/gpu"] == str(gpus) and c.resources.requests["nvidia.com/gpu"] == str(gpus)
+    assert c.resources.requests["cpu"] == "8" and c.resources.requests["memory"] == "48Gi"
+    assert spec.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert [(t.key, t.operator, t.effect) for t in spec.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+    [vol] = spec.volumes
+    assert vol.persistent_volume_claim.claim_name == "ftlib-work"
+    assert [(m.name, m.mount_path) for m in c.volume_mounts] == [("work", "/work")]
+    env = {e.name: e for e in c.env}
+    assert env["MLFLOW_TRACKING_URI"].value is None  # never a literal
+    assert env["MLFLOW_TRACKING_URI"].value_from.secret_key_ref.name == "ftlib-mlflow"
+    assert [e.secret_ref.name for e in c.env_from] == ["ftlib-object-store"]
+    assert spec.security_context.run_as_non_root and spec.security_context.run_as_user == 1000
+    assert c.security_context.allow_privilege_escalation is False and c.security_context.capabilities.drop == ["ALL"]
+    assert op.on_finish_action.value == "delete_succeeded_pod"
+    assert pod.metadata.namespace == "ml" and pod.metadata.labels["ftlib/stage"] == "train"
+
+
+def test_pod_command():
+    assert pod_command(["quantize"], 1) == ["ftlib", "quantize"]
+    assert pod_command(["train"], 2)[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"]
+
+
+def test_extra_links_plugin_loads_in_airflow(tmp_path):
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "FTLIB_MLFLOW_UI_URL": "http://mlflow.internal:5000"}
+    code = """
+import json
+from airflow import plugins_manager
+from airflow.models.taskinstancekey import TaskInstanceKey
+links = {l.name: l for l in plugins_manager.get_global_operator_extra_links()}
+key = TaskInstanceKey("finetune_llama3", "validate", "manual__2026-01-01", 1)
+other = TaskInstanceKey("someone_elses_dag", "t", "r", 1)
+print(json.dumps({n: [l.get_link(None, ti_key=key), l.get_link(None, ti_key=other)] for n, l in links.items()}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    links = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(links) == {"MLflow runs", "MLflow model", "GX Data Docs"}
+    runs, other = links["MLflow runs"]
+    assert runs.startswith("http://mlflow.internal:5000/#/experiments?searchFilter=") and "manual__2026-01-01" in runs
+    assert other == ""
+    assert links["MLflow model"][0] == "http://mlflow.internal:5000/#/models/ftlib-sentiment"
+    assert links["GX Data Docs"][0].endswith("data/validated/data_docs/index.html")
