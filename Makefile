@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ftlib-installed
 LLAMA_CPP := 0.3.36
 SDIST  := $(VENV)/share/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 
-.PHONY: venv demo test bench bench-train clean
+.PHONY: venv demo demo-airflow test bench bench-train clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "ftlib needs Python 3.11 or 3.12"'
@@ -31,6 +31,11 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/ftlib run
+
+# The same pipeline driven by Airflow (SQLite metadata DB in airflow_home/, no scheduler needed)
+demo-airflow: venv
+	AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False PATH=$(CURDIR)/$(BIN):$$PATH sh -c '$(BIN)/airflow db migrate >/dev/null && $(BIN)/airflow dags test finetune_llama3'
 
 test: venv
 	$(BIN)/python -m pytest
