@@ -131,13 +131,16 @@ def finetune_llama3():
 
     @task
     def split(project_dir: str, params_file: str, raw_dir: str, splits_dir: str, report: str) -> dict[str, str]:
-        """Stable hash split into train/validation/test (paths go to the next task)."""
+        """Stable hash split into train/validation/test, recorded in dvc.lock and pushed to the DVC remote."""
         from ftlib.config import load_params
         from ftlib.split import SPLITS, split_paths
+
+        from ftlib.orchestrate import push_splits
 
         out = _path(project_dir, splits_dir)
         result = split_paths([_path(project_dir, raw_dir)], load_params(_path(project_dir, params_file)), out)
         print(f"split counts: {result.counts} per label: {result.per_label} (validated: {report})")
+        print(push_splits(project_dir, out))  # DVC versions the split; an unreachable remote fails (and retries) the task
         return {s: str(out / f"{s}.jsonl") for s in SPLITS}
 
     @task

@@ -72,6 +72,39 @@ def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path
 
 
 # ---------------------------------------------------------------------------
+# DVC
+
+class DvcPushError(RuntimeError):
+    """The splits could not be recorded or pushed (the task fails and is retried)."""
+
+
+def push_splits(project_dir: str | Path, splits_dir: str | Path) -> str:
+    """Record the split files in dvc.lock (`dvc commit split`) and push them to the default remote.
+
+    Only when project_dir is a DVC project and splits_dir is its `split` stage's output
+    folder; otherwise says why nothing was pushed. A remote that cannot be reached raises
+    DvcPushError with DVC's message, so Airflow retries the task.
+    """
+    import subprocess
+    import sys
+
+    root = Path(project_dir)
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return f"{root} is not a DVC project: splits not pushed"
+    if Path(splits_dir).resolve() != (root / "data" / "splits").resolve():
+        return f"{splits_dir} is not the split stage's output (data/splits): not pushed"
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+
+    for args in (("commit", "--force", "split"), ("push", "split")):
+        r = dvc(*args)
+        if r.returncode != 0:
+            raise DvcPushError(f"dvc {' '.join(args)} failed in {root}: {(r.stderr or r.stdout).strip()[-1500:]}")
+    return f"splits recorded in dvc.lock and pushed to the DVC remote ({r.stdout.strip().splitlines()[-1] if r.stdout.strip() else 'ok'})"
+
+
+# ---------------------------------------------------------------------------
 # Summary
 
 def summary(reports: Path, splits: Path) -> dict[str, Any]:

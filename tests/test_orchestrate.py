@@ -101,3 +101,35 @@ print(json.dumps({n: [l.get_link(None, ti_key=key), l.get_link(None, ti_key=othe
     assert other == ""
     assert links["MLflow model"][0] == "http://mlflow.internal:5000/#/models/ftlib-sentiment"
     assert links["GX Data Docs"][0].endswith("data/validated/data_docs/index.html")
+
+
+def test_push_splits_to_the_dvc_remote_and_fail_clearly_when_unreachable(tmp_path):
+    import shutil as sh
+
+    from ftlib.orchestrate import DvcPushError, push_splits
+    from tests.conftest import balanced, write_jsonl
+    from tests.test_dvc import sh as run
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        sh.copy(REPO / name, root / name)
+    sh.copytree(REPO / "ftlib", root / "ftlib", ignore=sh.ignore_patterns("__pycache__"))
+    sh.copytree(REPO / ".dvc", root / ".dvc", ignore=sh.ignore_patterns("tmp", "cache"))
+    run(root, "git", "init", "-q")
+    remote = tmp_path / "remote"
+    run(root, "dvc", "remote", "modify", "local", "url", str(remote))
+    write_jsonl(root / "data" / "raw" / "reviews.jsonl", balanced(10))
+    run(root, "dvc", "repro", "split")
+
+    assert "not the split stage's output" in push_splits(root, tmp_path / "elsewhere")
+    assert "not a DVC project" in push_splits(tmp_path, tmp_path / "x")
+    assert "pushed" in push_splits(root, root / "data" / "splits")
+    stored = [p for p in remote.rglob("*") if p.is_file()]
+    assert len(stored) >= 3  # the three split files are in the remote's content-addressed store
+
+    run(root, "dvc", "remote", "modify", "local", "url", "/proc/nope/remote")  # unwritable: a remote that is down
+    (root / "data" / "raw" / "more.jsonl").write_text((root / "data" / "raw" / "reviews.jsonl").read_text().replace("review", "opinion"))
+    run(root, "dvc", "repro", "split")
+    with pytest.raises(DvcPushError, match="dvc push split failed"):
+        push_splits(root, root / "data" / "splits")
