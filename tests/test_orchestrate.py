@@ -13,6 +13,7 @@ import pytest
 
 from ftlib.orchestrate import TUNABLES, collect_landed, gpu_pod, overrides, pod_command
 from tests.conftest import REPO
+from tests.test_dvc import repo  # noqa: F401  (the temp git + DVC project fixture)
 
 
 def test_only_set_params_become_overrides():
@@ -103,33 +104,23 @@ print(json.dumps({n: [l.get_link(None, ti_key=key), l.get_link(None, ti_key=othe
     assert links["GX Data Docs"][0].endswith("data/validated/data_docs/index.html")
 
 
-def test_push_splits_to_the_dvc_remote_and_fail_clearly_when_unreachable(tmp_path):
-    import shutil as sh
-
+def test_push_splits_to_the_dvc_remote_and_fail_clearly_when_unreachable(repo, tmp_path):  # noqa: F811
     from ftlib.orchestrate import DvcPushError, push_splits
-    from tests.conftest import balanced, write_jsonl
     from tests.test_dvc import sh as run
 
-    root = tmp_path / "proj"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        sh.copy(REPO / name, root / name)
-    sh.copytree(REPO / "ftlib", root / "ftlib", ignore=sh.ignore_patterns("__pycache__"))
-    sh.copytree(REPO / ".dvc", root / ".dvc", ignore=sh.ignore_patterns("tmp", "cache"))
-    run(root, "git", "init", "-q")
     remote = tmp_path / "remote"
-    run(root, "dvc", "remote", "modify", "local", "url", str(remote))
-    write_jsonl(root / "data" / "raw" / "reviews.jsonl", balanced(10))
-    run(root, "dvc", "repro", "split")
+    run(repo, "dvc", "remote", "modify", "local", "url", str(remote))
+    run(repo, "dvc", "repro", "split")
 
-    assert "not the split stage's output" in push_splits(root, tmp_path / "elsewhere")
+    assert "not the split stage's output" in push_splits(repo, tmp_path / "elsewhere")
     assert "not a DVC project" in push_splits(tmp_path, tmp_path / "x")
-    assert "pushed" in push_splits(root, root / "data" / "splits")
+    assert "pushed" in push_splits(repo, repo / "data" / "splits")
     stored = [p for p in remote.rglob("*") if p.is_file()]
     assert len(stored) >= 3  # the three split files are in the remote's content-addressed store
 
-    run(root, "dvc", "remote", "modify", "local", "url", "/proc/nope/remote")  # unwritable: a remote that is down
-    (root / "data" / "raw" / "more.jsonl").write_text((root / "data" / "raw" / "reviews.jsonl").read_text().replace("review", "opinion"))
-    run(root, "dvc", "repro", "split")
+    run(repo, "dvc", "remote", "modify", "local", "url", "/proc/nope/remote")  # unwritable: a remote that is down
+    raw = repo / "data" / "raw" / "reviews.jsonl"
+    (repo / "data" / "raw" / "more.jsonl").write_text(raw.read_text().replace("review", "opinion"))
+    run(repo, "dvc", "repro", "split")
     with pytest.raises(DvcPushError, match="dvc push split failed"):
-        push_splits(root, root / "data" / "splits")
+        push_splits(repo, repo / "data" / "splits")
