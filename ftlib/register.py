@@ -234,14 +234,16 @@ def log_gate(c: Any, gate: Gate, lineage_tags: dict[str, str]) -> str:
 
 def gate(params: Params, metrics_file: Path = Path("reports/metrics.json"), data_dir: Path = Path("data/splits"),
          adapter: Path = Path("models/adapter"), out: Path | None = Path("reports/gate.json"),
-         rescore: Callable[[str], dict[str, float]] | None = None) -> Gate:
+         rescore: Callable[[str], dict[str, float]] | None = None, key: str | None = None,
+         tags: dict[str, str] | None = None) -> Gate:
     """Decide, log the decision as an MLflow run and write reports/gate.json."""
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file}: missing; run `ftlib evaluate` (or `dvc repro evaluate`) first")
     c = client()
-    key = register_key(params, data_dir, adapter)
+    key = key or register_key(params, data_dir, adapter)
     g = decide(params, json.loads(metrics_file.read_text()), data_dir / "test.jsonl", key, rescore)
-    log_gate(c, g, lineage.collect(as_dict(params), data_dir, adapter))
+    # register() passes the key and lineage it computed: hashing the base weights twice is slow for 8B models
+    log_gate(c, g, tags if tags is not None else lineage.collect(as_dict(params), data_dir, adapter))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(asdict(g), indent=2) + "\n")
@@ -415,9 +417,9 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
         champ = alias_version(c, name, "champion")
         if saved.get("key") == key and (saved.get("champion") or {}).get("version") == (str(champ.version) if champ else None):
             g = Gate(**saved)
-    if g is None:
-        g = gate(params, reports / "metrics.json", data_dir, adapter, cached)
     tags = lineage.collect(as_dict(params), data_dir, adapter)
+    if g is None:
+        g = gate(params, reports / "metrics.json", data_dir, adapter, cached, key=key, tags=tags)
     run_id = g.run_id or log_gate(c, g, tags)
     if not g.passed and not force:
         return Registration("refused", g, name, None, run_id, [f"not registered: {'; '.join(g.reasons)}"])
