@@ -7,9 +7,16 @@ ftlib code the CLI and dvc.yaml use, and passes paths (never data) to the next t
 Nothing heavy is imported at parse time -- torch, transformers, great_expectations and
 the Kubernetes provider load inside the tasks -- so the DAG processor parses this file fast.
 
-executor=local runs train and quantize as `ftlib` subprocesses here; executor=kubernetes
-runs them as pods on a GPU node (ftlib.orchestrate.gpu_pod: nvidia.com/gpu limit, GPU
-node selector and toleration, the project PVC, secrets from Kubernetes secrets, non-root).
+With dvc.yaml's paths and params.yaml's values (no overrides in the form), every stage
+runs as `dvc repro --single-item STAGE`: on unchanged data, params and code DVC skips the
+stage or restores its outputs from its cache instead of retraining, dvc.lock records the
+run, and the splits are pushed to the DVC remote. A run with overrides or other paths
+calls ftlib directly (the log says why), where a finished training checkpoint of the same
+data and params is still reused.
+
+executor=local runs train and quantize as subprocesses here; executor=kubernetes runs them
+as pods on a GPU node (ftlib.orchestrate.gpu_pod: nvidia.com/gpu limit, GPU node selector
+and toleration, the project PVC, secrets from Kubernetes secrets, non-root).
 """
 
 from __future__ import annotations
@@ -58,15 +65,34 @@ def _ftlib(project_dir: str, params_file: str, overrides: list[str], *args: str,
 
 
 def _on_gpu_pod(task_id: str, project_dir: str, params_file: str, overrides: list[str], gpus: int, *args: str) -> None:
-    """The same `ftlib ARGS` as a KubernetesPodOperator on a GPU node (paths relative to the PVC workdir)."""
+    """The same `ftlib ARGS` (or `dvc repro STAGE`) as a KubernetesPodOperator on a GPU node
+    (paths relative to the PVC workdir)."""
     from airflow.sdk import get_current_context
 
     from ftlib.orchestrate import gpu_pod
 
-    cli = [*args, "-p", _rel(project_dir, params_file)]
-    for o in overrides:
-        cli += ["-o", o]
+    cli = list(args)
+    if args[0] != "dvc":
+        cli += ["-p", _rel(project_dir, params_file)]
+        for o in overrides:
+            cli += ["-o", o]
     gpu_pod(task_id, cli, gpus).execute(get_current_context())
+
+
+def _dvc_mode(params: dict | None) -> bool:
+    """True: run the stages as `dvc repro` (see the module docstring); else say why not."""
+    from ftlib.orchestrate import dvc_reason
+
+    reason = dvc_reason(params or {})
+    if reason:
+        print(f"calling ftlib directly, DVC's cache is not used: {reason}")
+    return reason is None
+
+
+def _repro(project_dir: str, stage: str) -> None:
+    from ftlib.orchestrate import repro
+
+    print(f"dvc repro {stage}: {repro(project_dir, stage)}")
 
 
 def _overrides(params: dict) -> list[str]:
@@ -103,6 +129,9 @@ def _overrides(params: dict) -> list[str]:
         "reports_dir": Param("reports", type="string", description="metrics.json, benchmark.json, gate.json, plots/."),
         "merged_dir": Param("models/merged", type="string", description="The adapter merged into the base (fp16)."),
         "quantized_dir": Param("models/quantized", type="string", description="GGUF files, Modelfile, other variants."),
+        "dvc_cache": Param(True, type="boolean",
+                           description="Run the stages as `dvc repro` when paths and params are dvc.yaml's: "
+                                       "unchanged data, params and code reuse DVC's cache instead of retraining."),
         "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z_.]+=.*$"},
                            description="Any other params.yaml override, e.g. train.lora_dropout=0.05."),
     },
@@ -111,36 +140,50 @@ def _overrides(params: dict) -> list[str]:
 )
 def finetune_llama3():
     @task
-    def validate(project_dir: str, params_file: str, raw_dir: str, validated_dir: str) -> str:
+    def validate(project_dir: str, params_file: str, raw_dir: str, validated_dir: str, params: dict | None = None) -> str:
         """Great Expectations data contract; a failed validation fails the run (not retried)."""
+        import json
+
         from airflow.exceptions import AirflowFailException
 
         from ftlib.config import load_params
+        from ftlib.orchestrate import DvcReproError
         from ftlib.validate import validate_paths
 
         out = _path(project_dir, validated_dir)
+        links = (f"report: {out / 'report.json'}, Data Docs: {out / 'data_docs' / 'index.html'}, "
+                 f"bad rows: {out / 'quarantine.jsonl'}")
+        if _dvc_mode(params):
+            try:
+                _repro(project_dir, "validate")
+            except DvcReproError:
+                report = out / "report.json"
+                if report.is_file() and json.loads(report.read_text()).get("valid") is False:
+                    raise AirflowFailException(f"invalid data (errors above); {links}") from None
+                raise  # DVC itself failed: retried
+            return str(out / "report.json")
         result = validate_paths([_path(project_dir, raw_dir)], load_params(_path(project_dir, params_file)), out)
         for issue in result.issues:
             print(issue)
         if not result.ok:
-            raise AirflowFailException(
-                f"{len(result.errors)} validation errors; report: {out / 'report.json'}, "
-                f"Data Docs: {out / 'data_docs' / 'index.html'}, bad rows: {out / 'quarantine.jsonl'}"
-            )
+            raise AirflowFailException(f"{len(result.errors)} validation errors; {links}")
         return str(out / "report.json")
 
     @task
-    def split(project_dir: str, params_file: str, raw_dir: str, splits_dir: str, report: str) -> dict[str, str]:
+    def split(project_dir: str, params_file: str, raw_dir: str, splits_dir: str, report: str,
+              params: dict | None = None) -> dict[str, str]:
         """Stable hash split into train/validation/test, recorded in dvc.lock and pushed to the DVC remote."""
         from ftlib.config import load_params
+        from ftlib.orchestrate import push
         from ftlib.split import SPLITS, split_paths
 
-        from ftlib.orchestrate import push_splits
-
         out = _path(project_dir, splits_dir)
-        result = split_paths([_path(project_dir, raw_dir)], load_params(_path(project_dir, params_file)), out)
-        print(f"split counts: {result.counts} per label: {result.per_label} (validated: {report})")
-        print(push_splits(project_dir, out))  # DVC versions the split; an unreachable remote fails (and retries) the task
+        if _dvc_mode(params):
+            _repro(project_dir, "split")
+            print(push(project_dir, "split"))  # an unreachable remote fails (and retries) the task
+        else:
+            result = split_paths([_path(project_dir, raw_dir)], load_params(_path(project_dir, params_file)), out)
+            print(f"split counts: {result.counts} per label: {result.per_label} (validated: {report})")
         return {s: str(out / f"{s}.jsonl") for s in SPLITS}
 
     @task
@@ -148,11 +191,17 @@ def finetune_llama3():
               params: dict | None = None) -> str:
         """`ftlib train`: a killed or retried attempt resumes from its last checkpoint; a finished one is reused."""
         from ftlib.config import load_params
+        from ftlib.orchestrate import repro_command
 
         overrides = _overrides(params or {})
         args = ["train", "--data-dir", _rel(project_dir, Path(splits["train"]).parent),
                 "--reports-dir", _rel(project_dir, reports_dir)]
-        if executor == "kubernetes":
+        if _dvc_mode(params):
+            if executor == "kubernetes":
+                _on_gpu_pod("train", project_dir, params_file, [], 1, *repro_command("train"))
+            else:
+                _repro(project_dir, "train")
+        elif executor == "kubernetes":
             _on_gpu_pod("train", project_dir, params_file, overrides, gpus, *args)
         else:
             _ftlib(project_dir, params_file, overrides, *args)
@@ -162,6 +211,16 @@ def finetune_llama3():
     def quantize_and_benchmark(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], merged_dir: str,
                                quantized_dir: str, reports_dir: str, executor: str, params: dict | None = None) -> str:
         """Every deployable variant (merged, GGUF + Modelfile, bitsandbytes, torch int8), then one comparison table."""
+        from ftlib.orchestrate import repro_command
+
+        out = _path(project_dir, reports_dir) / "benchmark.json"
+        if _dvc_mode(params):
+            if executor == "kubernetes":
+                _on_gpu_pod("quantize", project_dir, params_file, [], 1, *repro_command("quantize"))
+            else:
+                _repro(project_dir, "quantize")
+            _repro(project_dir, "benchmark")
+            return str(out)
         overrides = _overrides(params or {})
         q_args = ["quantize", "--model", _rel(project_dir, adapter), "--out-dir", _rel(project_dir, quantized_dir),
                   "--merged-dir", _rel(project_dir, merged_dir)]
@@ -169,7 +228,6 @@ def finetune_llama3():
             _on_gpu_pod("quantize", project_dir, params_file, overrides, 1, *q_args)
         else:
             _ftlib(project_dir, params_file, overrides, *q_args)
-        out = _path(project_dir, reports_dir) / "benchmark.json"
         _ftlib(project_dir, params_file, overrides, "benchmark", "--adapter", adapter, "--quantized",
                str(_path(project_dir, quantized_dir)), "--data-dir", str(Path(splits["test"]).parent), "--json", str(out))
         return str(out)
@@ -179,10 +237,13 @@ def finetune_llama3():
                  benchmark: str, params: dict | None = None) -> str:
         """Accuracy, precision, recall, F1 and the confusion matrix of the fine-tuned model on the test split."""
         reports = _path(project_dir, reports_dir)
+        print(f"benchmark: {benchmark}")
+        if _dvc_mode(params):
+            _repro(project_dir, "evaluate")
+            return str(reports / "metrics.json")
         _ftlib(project_dir, params_file, _overrides(params or {}), "evaluate", "--model", adapter, "--data", splits["test"],
                "--json", str(reports / "metrics.json"), "--plot", str(reports / "plots" / "confusion_matrix.png"),
                "--predictions", str(reports / "predictions.csv"))
-        print(f"benchmark: {benchmark}")
         return str(reports / "metrics.json")
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)

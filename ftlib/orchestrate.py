@@ -1,5 +1,5 @@
 """What the Airflow DAGs need beyond the stage functions: UI params -> overrides, the data-landing
-move, the run summary, and the GPU training pod.
+move, running stages through DVC (`dvc repro`, `dvc push`), the run summary, and the GPU training pod.
 
 Light at import (stdlib only): DAG files import it at parse time. The Kubernetes provider
 (0.7 s to import) is only imported when a pod is built, inside a running task.
@@ -75,33 +75,87 @@ def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path
 # DVC
 
 class DvcPushError(RuntimeError):
-    """The splits could not be recorded or pushed (the task fails and is retried)."""
+    """Outputs could not be pushed to the DVC remote (the task fails and is retried)."""
 
 
-def push_splits(project_dir: str | Path, splits_dir: str | Path) -> str:
-    """Record the split files in dvc.lock (`dvc commit split`) and push them to the default remote.
+class DvcReproError(RuntimeError):
+    """`dvc repro` of a stage failed (its command failed, or DVC could not run it)."""
 
-    Only when project_dir is a DVC project and splits_dir is its `split` stage's output
-    folder; otherwise says why nothing was pushed. A remote that cannot be reached raises
-    DvcPushError with DVC's message, so Airflow retries the task.
-    """
+
+# The DAG's path params as dvc.yaml's stage commands have them (relative to the project).
+DVC_PATHS = {"params_file": "params.yaml", "raw_dir": "data/raw", "validated_dir": "data/validated",
+             "splits_dir": "data/splits", "reports_dir": "reports", "merged_dir": "models/merged",
+             "quantized_dir": "models/quantized"}
+
+
+def _is_dvc_project(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+def _dvc(root: Path, *args: str) -> Any:
     import subprocess
     import sys
 
-    root = Path(project_dir)
-    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
-        return f"{root} is not a DVC project: splits not pushed"
-    if Path(splits_dir).resolve() != (root / "data" / "splits").resolve():
-        return f"{splits_dir} is not the split stage's output (data/splits): not pushed"
+    # dvc.yaml's commands call `ftlib`: the interpreter's bin dir (the venv) must be on PATH
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
 
-    def dvc(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
 
-    for args in (("commit", "--force", "split"), ("push", "split")):
-        r = dvc(*args)
-        if r.returncode != 0:
-            raise DvcPushError(f"dvc {' '.join(args)} failed in {root}: {(r.stderr or r.stdout).strip()[-1500:]}")
-    return f"splits recorded in dvc.lock and pushed to the DVC remote ({r.stdout.strip().splitlines()[-1] if r.stdout.strip() else 'ok'})"
+def dvc_reason(conf: dict[str, Any]) -> str | None:
+    """Why this DAG run cannot run its stages as `dvc repro` (None: it can, and will).
+
+    DVC decides from dvc.yaml, params.yaml and dvc.lock alone, so it only sees a run whose
+    paths are dvc.yaml's and whose params are params.yaml's: UI overrides or other paths
+    would be invisible to it (such runs call ftlib directly, which still reuses a finished
+    training checkpoint of the same data + params).
+    """
+    root = Path(conf.get("project_dir", "."))
+    if not conf.get("dvc_cache", True):
+        return "dvc_cache is off"
+    if not _is_dvc_project(root):
+        return f"{root} is not a DVC project"
+    if overrides(conf, conf.get("overrides")):
+        return f"params overridden for this run ({', '.join(overrides(conf, conf.get('overrides')))})"
+    other = [k for k, default in DVC_PATHS.items()
+             if (root / conf.get(k, default)).resolve() != (root / default).resolve()]
+    if other:
+        return f"{', '.join(other)} differ from dvc.yaml's paths"
+    if int(conf.get("gpus", 1)) > 1:
+        return "more than one GPU (dvc.yaml's commands do not run `accelerate launch`)"
+    return None
+
+
+def repro_command(stage: str) -> list[str]:
+    """`dvc repro` of one stage only: the upstream stages are the DAG's own tasks."""
+    return ["dvc", "repro", "--single-item", stage]
+
+
+def repro(project_dir: str | Path, stage: str) -> str:
+    """Run one dvc.yaml stage through DVC; what DVC did: "ran", "unchanged" or "restored from cache".
+
+    Unchanged deps, params and code with the outputs in place: DVC skips the stage. With
+    the outputs missing (a fresh worker, a deleted folder) DVC checks them out of its cache
+    (the run-cache knows every earlier combination too), and nothing is retrained.
+    """
+    r = _dvc(Path(project_dir), *repro_command(stage)[1:])
+    print(r.stdout, end="")
+    if r.returncode != 0:
+        raise DvcReproError(f"dvc repro {stage} failed in {project_dir}: {(r.stderr or r.stdout).strip()[-2000:]}")
+    for marker, what in ((f"Running stage '{stage}'", "ran"), ("didn't change", "unchanged"),
+                         ("is cached - skipping run", "restored from cache")):
+        if marker in r.stdout:
+            return what
+    return "done"  # a DVC version with other wording
+
+
+def push(project_dir: str | Path, stage: str) -> str:
+    """`dvc push STAGE`: its outputs to the default remote. DvcPushError (with DVC's message)
+    when the remote cannot be reached, so Airflow retries the task."""
+    r = _dvc(Path(project_dir), "push", stage)
+    if r.returncode != 0:
+        raise DvcPushError(f"dvc push {stage} failed in {project_dir}: {(r.stderr or r.stdout).strip()[-1500:]}")
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "ok"
+    return f"{stage} outputs pushed to the DVC remote ({last})"
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +212,10 @@ def pod_setting(name: str) -> str | dict[str, str]:
 
 
 def pod_command(args: list[str], gpus: int) -> list[str]:
-    """`ftlib ARGS`, under `accelerate launch` (one process per GPU) when more than one GPU."""
+    """`ftlib ARGS`, under `accelerate launch` (one process per GPU) when more than one GPU.
+    ARGS starting with "dvc" (a `repro_command`) run as they are."""
+    if args[:1] == ["dvc"]:
+        return list(args)
     if gpus > 1:
         return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "ftlib", *args]
     return ["ftlib", *args]

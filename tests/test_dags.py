@@ -141,3 +141,67 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert out["bad"]["state"] == "failed"
     assert out["bad"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
     assert not (tmp_path / "out_bad" / "splits").exists()
+
+
+@pytest.mark.slow
+def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
+    """With dvc.yaml's paths and params.yaml's values, the DAG runs the stages as `dvc repro`:
+    a second run on the same data, with the adapter deleted (a fresh worker), restores it
+    from DVC's cache and trains nothing."""
+    import shutil
+
+    import yaml
+
+    home = tmp_path / "af"
+    env = airflow_env(home)
+    root = tmp_path / "proj"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "ftlib", root / "ftlib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base_model"] = tiny_model
+    params["validate"]["data_docs"] = False
+    params["train"].update(max_steps=2, eval_steps=0, per_device_train_batch_size=4)
+    params["quantize"]["variants"] = ["q8_0"]
+    params["benchmark"].update(include_base=False, max_examples=3, decode_tokens=4, max_new_tokens=4)
+    params["register"].update(model_name="dag-dvc", accuracy_threshold=0, log_merged=False)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(tmp_path / "remote")],
+                   cwd=root, check=True)
+    write_jsonl(root / "data" / "raw" / "reviews.jsonl", balanced(10))
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    script = textwrap.dedent(f"""
+        import json, shutil
+        from airflow.dag_processing.dagbag import DagBag
+        dag = DagBag(dag_folder={str(DAGS)!r}).dags["finetune_llama3"]
+        out = {{}}
+        for name in ("first", "rerun"):
+            if name == "rerun":
+                shutil.rmtree({str(root / "models" / "adapter")!r})
+            print(f"=== {{name}} ===", flush=True)
+            run = dag.test(run_conf={{"project_dir": {str(root)!r}}})
+            out[name] = {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}
+        print("RESULT " + json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    tasks = ["validate", "split", "train", "quantize_and_benchmark", "evaluate", "gate", "register", "summary"]
+    assert out["first"] == dict.fromkeys(tasks, "success") and out["rerun"] == out["first"], out
+    log = r.stdout + r.stderr
+    first, rerun = log.split("=== rerun ===")
+    for stage in ("validate", "split", "train", "quantize", "benchmark", "evaluate"):
+        assert f"dvc repro {stage}: ran" in first, stage
+    assert "dvc repro train: restored from cache" in rerun
+    for stage in ("validate", "split", "quantize", "benchmark", "evaluate"):
+        assert f"dvc repro {stage}: unchanged" in rerun, stage
+    assert "Running stage" not in rerun and "calling ftlib directly" not in log
+    assert json.loads((root / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 2
+    assert [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]  # the splits were pushed
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout  # dvc.lock records what the DAG ran
+    registration = json.loads((root / "reports" / "registration.json").read_text())
+    assert registration["uri"] == "models:/dag-dvc/1"  # the rerun found the version the first run made

@@ -77,6 +77,7 @@ def test_gpu_pod_spec(gpus, monkeypatch):
 def test_pod_command():
     assert pod_command(["quantize"], 1) == ["ftlib", "quantize"]
     assert pod_command(["train"], 2)[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"]
+    assert pod_command(["dvc", "repro", "--single-item", "train"], 1) == ["dvc", "repro", "--single-item", "train"]
 
 
 def test_extra_links_plugin_loads_in_airflow(tmp_path):
@@ -104,23 +105,43 @@ print(json.dumps({n: [l.get_link(None, ti_key=key), l.get_link(None, ti_key=othe
     assert links["GX Data Docs"][0].endswith("data/validated/data_docs/index.html")
 
 
-def test_push_splits_to_the_dvc_remote_and_fail_clearly_when_unreachable(repo, tmp_path):  # noqa: F811
-    from ftlib.orchestrate import DvcPushError, push_splits
+def test_dvc_reason_only_when_dvc_sees_the_whole_run(repo, tmp_path):  # noqa: F811
+    from ftlib.orchestrate import DVC_PATHS, dvc_reason
+
+    conf = {"project_dir": str(repo), "dvc_cache": True, "overrides": [], "gpus": 1, **DVC_PATHS,
+            **dict.fromkeys(TUNABLES)}
+    assert dvc_reason(conf) is None
+    assert dvc_reason({**conf, "splits_dir": str(repo / "data" / "splits")}) is None  # absolute, same folder
+    assert "not a DVC project" in dvc_reason({**conf, "project_dir": str(tmp_path)})
+    assert "train.lora_r=8" in dvc_reason({**conf, "lora_r": 8})
+    assert "train.seed=1" in dvc_reason({**conf, "overrides": ["train.seed=1"]})
+    assert "splits_dir" in dvc_reason({**conf, "splits_dir": "/tmp/elsewhere"})
+    assert "GPU" in dvc_reason({**conf, "gpus": 2})
+    assert "off" in dvc_reason({**conf, "dvc_cache": False})
+
+
+def test_repro_and_push_to_the_dvc_remote_and_fail_clearly_when_unreachable(repo, tmp_path):  # noqa: F811
+    from ftlib.orchestrate import DvcPushError, push, repro
     from tests.test_dvc import sh as run
 
     remote = tmp_path / "remote"
     run(repo, "dvc", "remote", "modify", "local", "url", str(remote))
-    run(repo, "dvc", "repro", "split")
-
-    assert "not the split stage's output" in push_splits(repo, tmp_path / "elsewhere")
-    assert "not a DVC project" in push_splits(tmp_path, tmp_path / "x")
-    assert "pushed" in push_splits(repo, repo / "data" / "splits")
+    assert repro(repo, "validate") == "ran" and repro(repo, "split") == "ran"
+    assert repro(repo, "split") == "unchanged"
+    assert "pushed" in push(repo, "split")
     stored = [p for p in remote.rglob("*") if p.is_file()]
     assert len(stored) >= 3  # the three split files are in the remote's content-addressed store
+
+    for f in (repo / "data" / "splits").iterdir():  # a fresh worker: outputs gone, DVC's cache still there
+        f.unlink()
+    assert repro(repo, "split") == "restored from cache"
+    assert len((repo / "data" / "splits" / "train.jsonl").read_text().splitlines()) > 0
 
     run(repo, "dvc", "remote", "modify", "local", "url", "/proc/nope/remote")  # unwritable: a remote that is down
     raw = repo / "data" / "raw" / "reviews.jsonl"
     (repo / "data" / "raw" / "more.jsonl").write_text(raw.read_text().replace("review", "opinion"))
-    run(repo, "dvc", "repro", "split")
+    assert repro(repo, "validate") == "ran" and repro(repo, "split") == "ran"
     with pytest.raises(DvcPushError, match="dvc push split failed"):
-        push_splits(repo, repo / "data" / "splits")
+        push(repo, "split")
+    run(repo, "dvc", "remote", "modify", "local", "url", str(remote))  # the remote is back: the retry succeeds
+    assert "pushed" in push(repo, "split")
