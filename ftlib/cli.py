@@ -1097,5 +1097,16 @@ def run_pipeline(
 
 
 def entrypoint() -> None:
-    """Entry point for `python -m ftlib`."""
-    app()
+    """Entry point for `ftlib` and `python -m ftlib`: a full disk is a clear error (exit 1), not a traceback."""
+    from ftlib.atomic import DiskFullError, is_disk_full
+
+    try:
+        app()
+    except DiskFullError as e:
+        err.print(f"[red]error:[/] {e.strerror}", markup=True, highlight=False)
+        sys.exit(1)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        err.print(f"[red]error:[/] disk full: {e}")
+        sys.exit(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 
@@ -11,6 +10,7 @@ def merge_adapter(adapter: str | Path = "models/adapter", out_dir: str | Path = 
     """Load base + adapter in full precision, merge_and_unload, save in `dtype` (safetensors)."""
     import torch
 
+    from ftlib.atomic import replacing
     from ftlib.models import load_model, train_info
 
     info = train_info(str(adapter))
@@ -21,11 +21,8 @@ def merge_adapter(adapter: str | Path = "models/adapter", out_dir: str | Path = 
     model, tokenizer = load_model(str(adapter), "float32")
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "ftlib_train.json").write_text(json.dumps({**info, "merged_from": str(adapter), "dtype": dtype}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing(out, "merged model") as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ftlib_train.json").write_text(json.dumps({**info, "merged_from": str(adapter), "dtype": dtype}, indent=2) + "\n")
     return out

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ftlib.atomic import replacing
+
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 TRANSFORMERS_VARIANTS = ("bnb-int8", "bnb-nf4", "torch-int8")
 ALL_VARIANTS = (*GGUF_TYPES, *TRANSFORMERS_VARIANTS)
@@ -53,22 +55,20 @@ def to_gguf(hf_dir: Path, out: Path, outtype: str) -> Path:
     if not script.is_file():
         raise QuantizeError(f"{script} missing: run `make install` (it extracts llama.cpp's converter) "
                             "or point FTLIB_LLAMA_CPP at a llama.cpp checkout")
-    tmp = out.with_name(out.name + ".tmp")
-    _run([sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype],
-         f"GGUF conversion ({outtype})", env={"PYTHONPATH": str(tools / "gguf-py"), "NO_LOCAL_GGUF": ""})
-    tmp.rename(out)
+    with replacing(out, f"GGUF {outtype}") as tmp:
+        _run([sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype],
+             f"GGUF conversion ({outtype})", env={"PYTHONPATH": str(tools / "gguf-py"), "NO_LOCAL_GGUF": ""})
     return out
 
 
 def gguf_quantize(src: Path, out: Path, kind: str = "q4_k_m") -> Path:
     """llama.cpp's quantizer (k-quants need it: they are not in the Python converter)."""
     ftype = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}[kind]
-    tmp = out.with_name(out.name + ".tmp")
     code = ("import llama_cpp as l, sys; p = l.llama_model_quantize_default_params(); "
             f"p.ftype = l.{ftype}; p.nthread = 0; "
             "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
-    _run([sys.executable, "-c", code, str(src), str(tmp)], f"llama.cpp quantize ({kind})")
-    tmp.rename(out)
+    with replacing(out, f"GGUF {kind}") as tmp:
+        _run([sys.executable, "-c", code, str(src), str(tmp)], f"llama.cpp quantize ({kind})")
     return out
 
 
@@ -105,12 +105,9 @@ def bnb_variant(hf_dir: Path, out: Path, kind: str) -> Path:
          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=q, dtype=torch.bfloat16, use_safetensors=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    _copy_tokenizer(hf_dir, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing(out, f"{kind} model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(hf_dir, tmp)
     return out
 
 

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,23 +420,38 @@ def last_good_checkpoint(ckpt_dir: Path) -> str | None:
     """Newest checkpoint that was written completely, else None.
 
     A process killed while saving leaves a checkpoint without trainer_state.json (the
-    Trainer writes it last) or without weights. Such a directory is renamed to
-    `partial-checkpoint-N` -- kept for inspection, invisible to resume and rotation --
-    and the previous good checkpoint is used.
+    Trainer writes it last) or without weights; a bad disk or copy leaves truncated or
+    corrupt weights. Such a directory is renamed to `partial-checkpoint-N` -- kept for
+    inspection, invisible to resume and rotation -- and the previous good checkpoint is used.
     """
     found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
     for ckpt in reversed(found):
         state = ckpt / "trainer_state.json"
         weights = list(ckpt.glob("*.safetensors"))
         try:
-            ok = bool(weights) and json.loads(state.read_text()).get("global_step") is not None
+            ok = bool(weights) and all(map(_safetensors_whole, weights)) and json.loads(state.read_text()).get("global_step") is not None
         except (OSError, ValueError):
             ok = False
         if ok:
             return str(ckpt)
-        print(f"skipping incomplete checkpoint {ckpt} (killed while saving?)", flush=True)
+        print(f"skipping incomplete or corrupt checkpoint {ckpt} (killed while saving?)", flush=True)
         ckpt.rename(ckpt.with_name("partial-" + ckpt.name))
     return None
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """The header parses and every tensor's bytes are in the file (cheap: reads the header only)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        n = int.from_bytes(head, "little")
+        header = json.loads(f.read(n)) if 0 < n < 100_000_000 else None
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):  # not a safetensors header
+        return False
+    return path.stat().st_size >= 8 + n + end
 
 
 def _finished(ckpt: str) -> bool:
@@ -549,11 +563,15 @@ def _throughput(history: list[dict[str, float]]) -> float:
 
 def _save(trainer: Any, tokenizer: Any, params: Params, result: TrainResult, data_dir: Path) -> None:
     """Write the output directory atomically: the previous model stays until the new one is complete."""
+    from ftlib.atomic import replacing
+
+    with replacing(params.train.output_dir, "adapter") as tmp:
+        _write_output(trainer, tokenizer, params, result, data_dir, tmp)
+
+
+def _write_output(trainer: Any, tokenizer: Any, params: Params, result: TrainResult, data_dir: Path, tmp: Path) -> None:
     import importlib.metadata as md
 
-    out = Path(params.train.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     info = {
@@ -566,9 +584,6 @@ def _save(trainer: Any, tokenizer: Any, params: Params, result: TrainResult, dat
         "versions": {p: md.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
     }
     (tmp / "ftlib_train.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def write_loss_csv(history: list[dict[str, Any]], path: Path) -> None:

@@ -245,16 +245,24 @@ def test_compact_lm_head_scores_only_answer_positions_with_the_same_loss(tiny_mo
 
 
 def test_partial_checkpoint_is_skipped_and_previous_good_one_used(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     from ftlib.train import last_good_checkpoint
 
-    good, partial, corrupt = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4", tmp_path / "checkpoint-10"
-    for d in (good, partial, corrupt):
+    dirs = [tmp_path / f"checkpoint-{n}" for n in (2, 4, 10, 12, 14)]
+    good, partial, corrupt, truncated, garbage = dirs
+    for d in dirs:
         d.mkdir()
-        (d / "adapter_model.safetensors").write_bytes(b"x")
-    (good / "trainer_state.json").write_text('{"global_step": 2}')
-    (corrupt / "trainer_state.json").write_text('{"global_st')  # truncated write
+        save_file({"w": torch.ones(64, 64)}, str(d / "adapter_model.safetensors"))
+        (d / "trainer_state.json").write_text('{"global_step": 2}')
+    (partial / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+    (corrupt / "trainer_state.json").write_text('{"global_st')  # truncated state
+    w = truncated / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])  # truncated weights
+    (garbage / "adapter_model.safetensors").write_bytes(b"x")  # not safetensors at all
     assert last_good_checkpoint(tmp_path) == str(good)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "partial-checkpoint-10", "partial-checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"] + sorted(f"partial-{d.name}" for d in dirs[1:])
     assert last_good_checkpoint(tmp_path / "nothing-here") is None
 
 
