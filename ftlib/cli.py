@@ -48,8 +48,25 @@ def _params(path: Path, overrides: Optional[list[str]]):
     from ftlib.config import ConfigError, load_params
 
     try:
-        return load_params(path, overrides or [])
+        params = load_params(path, overrides or [])
     except ConfigError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    _confine(params, params.base_model)
+    return params
+
+
+def _confine(params, *paths) -> None:
+    """Exit 2 when a data/model/output path (Path) or a local --model string resolves outside the
+    allowed roots (ftlib.security.confine; params None = the roots of ./params.yaml)."""
+    from ftlib.security import PathError, allowed_roots, confine, is_local_path
+
+    roots = allowed_roots((params or _params(Path("params.yaml"), None)).paths.allowed_roots)
+    try:
+        for p in paths:
+            if isinstance(p, Path) or (isinstance(p, str) and is_local_path(p)):
+                confine(p, roots)
+    except PathError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
 
@@ -134,6 +151,7 @@ def validate(
     from ftlib.validate import UsageError, validate_paths
 
     params = _params(params_file, overrides)
+    _confine(params, *paths, report_dir)
     try:
         with _progress() as tick:
             result = validate_paths(paths, params, None if no_report else report_dir, progress=tick)
@@ -180,6 +198,7 @@ def split(
     from ftlib.validate import UsageError
 
     params = _params(params_file, overrides)
+    _confine(params, *(paths or []), out_dir)
     try:
         with _progress() as tick:
             result = split_paths(paths or [Path("data/raw")], params, out_dir, progress=tick)
@@ -225,14 +244,14 @@ def _compare_on_test(params, data_dir: Path, adapter: str, progress) -> dict:
     def score(model, tok):
         return classification_accuracy(model, tok, test, params.data.labels, params.template, progress=progress)
 
-    tuned, tok = load_model(adapter)
+    tuned, tok = load_model(adapter, allow_pickle_weights=params.allow_pickle_weights)
     scores = {"fine-tuned": score(tuned, tok)}
     if hasattr(tuned, "disable_adapter"):
         with tuned.disable_adapter():
             scores["base"] = score(tuned, tok)
     else:  # full fine-tuning wrote a whole model
         del tuned
-        scores["base"] = score(*load_model(params.base_model))
+        scores["base"] = score(*load_model(params.base_model, allow_pickle_weights=params.allow_pickle_weights))
     return scores
 
 
@@ -263,6 +282,7 @@ def train(
     from ftlib.train import train as run_train
 
     params = _params(params_file, overrides)
+    _confine(params, data_dir, reports_dir, Path(params.train.output_dir), Path(params.train.checkpoint_dir))
     try:
         result = run_train(params, data_dir, reports_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -333,6 +353,7 @@ def generate(
     from ftlib.models import ModelError
 
     params = _params(params_file, overrides)
+    _confine(params, model)
     try:
         predictor = load_predictor(model, params.template)
     except (ModelError, OSError, ValueError) as e:
@@ -360,6 +381,8 @@ def merge(
     model: str = typer.Option("models/adapter", "--model", "-m", help="Adapter directory written by `ftlib train`."),
     out_dir: Path = typer.Option(Path("models/merged"), "--out", help="Where the merged safetensors go."),
     dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16 or float32."),
+    params_file: Path = ParamsOpt,
+    overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Merge a LoRA adapter into its base model and save safetensors (for GGUF export and serving).
 
@@ -370,10 +393,13 @@ def merge(
       ftlib merge --model models/adapter --out models/merged --dtype bfloat16
     """
     from ftlib.merge import merge_adapter
+    from ftlib.models import ModelError
 
+    params = _params(params_file, overrides)
+    _confine(params, model, out_dir)
     try:
-        path = merge_adapter(model, out_dir, dtype)
-    except ValueError as e:
+        path = merge_adapter(model, out_dir, dtype, params.allow_pickle_weights)
+    except (ValueError, ModelError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
     out.print(f"wrote {path}/ ({sum(p.stat().st_size for p in path.glob('*.safetensors')) / 2**20:,.1f} MiB safetensors, {dtype})")
@@ -396,6 +422,7 @@ def prune(
     from ftlib.models import ModelError
     from ftlib.prune import prune_model
 
+    _confine(None, model, out_dir)
     try:
         r = prune_model(model, amount, out_dir)
     except (ValueError, ModelError) as e:
@@ -430,6 +457,7 @@ def distill(
     from ftlib.models import ModelError
 
     params = _params(params_file, overrides)
+    _confine(params, teacher, student, data_dir, out_dir)
     try:
         r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
     except (ModelError, ValueError, FileNotFoundError, OSError) as e:
@@ -504,6 +532,7 @@ def evaluate(
     from ftlib.models import ModelError
 
     params = _params(params_file, overrides)
+    _confine(params, model, data, json_out, plot, predictions)
     task = params.data.task
     if mode not in ("generate", "loglik"):
         err.print(f"[red]error:[/] --mode: generate or loglik, got {mode!r}")
@@ -572,6 +601,7 @@ def review_export(
     from ftlib.review import export_sheet
 
     params = _params(params_file, overrides)
+    _confine(params, model, data, sheet)
     if not data.is_file():
         err.print(f"[red]error:[/] {data}: no such file")
         raise typer.Exit(2)
@@ -607,6 +637,7 @@ def review_import(
     """
     from ftlib.review import SheetError, import_sheet
 
+    _confine(None, sheet, model)
     try:
         r = import_sheet(sheet, model, allow_missing)
     except SheetError as e:
@@ -652,9 +683,10 @@ def quantize(
     from ftlib.quantize import quantize as run_quantize
 
     params = _params(params_file, overrides)
+    _confine(params, model, out_dir, merged_dir)
     try:
         manifest = run_quantize(model, out_dir, merged_dir, variants or params.quantize.variants, params.quantize.merged_dtype,
-                                progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+                                progress=lambda msg: err.print(f"[dim]{msg}[/]"), allow_pickle_weights=params.allow_pickle_weights)
     except (QuantizeError, ModelError, ValueError, OSError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
@@ -692,6 +724,7 @@ def benchmark(
     from ftlib.benchmark import table
 
     params = _params(params_file, overrides)
+    _confine(params, adapter, quantized, data_dir, json_out)
     try:
         result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base,
                                progress=lambda msg: err.print(f"[dim]{msg}[/]"))
@@ -747,6 +780,7 @@ def gate(
     from ftlib.register import gate as run_gate
 
     params = _params(params_file, overrides)
+    _confine(params, metrics, adapter, data_dir, json_out)
     try:
         g = run_gate(params, metrics, data_dir, adapter, json_out)
     except _registry_errors() as e:
@@ -788,6 +822,7 @@ def register(
     from ftlib.register import register as run_register
 
     params = _params(params_file, overrides)
+    _confine(params, adapter, data_dir, reports, quantized, merged, validation_report, json_out)
     try:
         r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
                          log=lambda m: err.print(f"[dim]{m}[/]"))
@@ -900,6 +935,7 @@ def models_pull(
     """
     from ftlib.serve import pull_gguf
 
+    _confine(None, out_dir)
     try:
         files = pull_gguf(uri, out_dir)
     except _registry_errors() as e:
@@ -928,6 +964,7 @@ def lineage(
     from ftlib import lineage as lin
     from ftlib.register import client, get_version
 
+    _confine(None, data_dir)
     try:
         c = client()
         mv = get_version(c, uri)

@@ -171,6 +171,13 @@ class RegisterConfig:
 
 
 @dataclass
+class PathsConfig:
+    allowed_roots: list[str] = field(default_factory=list)
+    """Directories (besides the project dir, the ftlib cache and the system temp dir) that data, model
+    and output paths may resolve into; a path outside every root is refused (exit 2). ~ and $VARS expand."""
+
+
+@dataclass
 class Params:
     base_model: str = "embedded:smollm2-135m-instruct"
     """embedded:smollm2-135m-instruct, a local HF directory or a hub id."""
@@ -180,6 +187,10 @@ class Params:
     """Longest example in tokens after templating."""
     trust_remote_code: bool = False
     """Allow code shipped with a hub model to run. Off unless you need it."""
+    allow_pickle_weights: bool = False
+    """Load a model or adapter that has only pickle weights (*.bin/*.pt; loading a pickle can run code),
+    with torch's weights_only=True; off = safetensors only. Honoured by train, merge, quantize and distill."""
+    paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     split: SplitConfig = field(default_factory=SplitConfig)

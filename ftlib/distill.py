@@ -64,9 +64,9 @@ def distill(params: Params, teacher: str, student: str, out_dir: str | Path = "m
     from ftlib.models import load_model
     from ftlib.train import use_bf16
 
-    teacher_model, tokenizer = load_model(teacher)
+    teacher_model, tokenizer = load_model(teacher, allow_pickle_weights=params.allow_pickle_weights)
     teacher_model.eval()
-    student_model, _ = load_model(student)
+    student_model, _ = load_model(student, allow_pickle_weights=params.allow_pickle_weights)
     if hasattr(student_model, "merge_and_unload"):
         student_model = student_model.merge_and_unload()
     student_model = shrink(student_model, student_layers)

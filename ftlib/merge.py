@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 
-def merge_adapter(adapter: str | Path = "models/adapter", out_dir: str | Path = "models/merged", dtype: str = "float16") -> Path:
-    """Load base + adapter in full precision, merge_and_unload, save in `dtype` (safetensors)."""
+def merge_adapter(adapter: str | Path = "models/adapter", out_dir: str | Path = "models/merged", dtype: str = "float16",
+                  allow_pickle_weights: bool = False) -> Path:
+    """Load base + adapter in full precision, merge_and_unload, save in `dtype` (safetensors).
+
+    allow_pickle_weights (params.yaml) lets a pickle-only base or adapter load; the merged model is safetensors.
+    """
     import torch
 
     from ftlib.atomic import replacing
@@ -18,7 +22,7 @@ def merge_adapter(adapter: str | Path = "models/adapter", out_dir: str | Path = 
         raise ValueError(f"{adapter}: not an adapter directory written by `ftlib train` (no adapter_config.json/ftlib_train.json)")
     if info.get("method") == "prompt_tuning":
         raise ValueError(f"{adapter}: a prompt-tuning adapter has no weights to merge; serve it with the base model")
-    model, tokenizer = load_model(str(adapter), "float32")
+    model, tokenizer = load_model(str(adapter), "float32", allow_pickle_weights=allow_pickle_weights)
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     out = Path(out_dir)
     with replacing(out, "merged model") as tmp:

@@ -151,7 +151,10 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, light: bool = Fa
     torch (0.7 s instead of 3 s): enough for rendering templates and counting tokens,
     which is all validation needs. Training and inference use the full AutoTokenizer.
     """
+    from ftlib.security import check_chat_template, check_model_dir
+
     path = resolve(model)
+    check_model_dir(path, trust_remote_code, allow_pickle_weights=True)  # weights are not the tokenizer's business
     if light and not trust_remote_code and (Path(path) / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
@@ -162,6 +165,8 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, light: bool = Fa
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    where = [Path(path) / f for f in ("chat_template.jinja", "tokenizer_config.json") if (Path(path) / f).is_file()]
+    check_chat_template(tok.chat_template, where[0] if where else path)
     return tok
 
 
@@ -173,14 +178,18 @@ def train_info(model: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load (model, tokenizer) for inference from any --model form, safetensors only.
+def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = False,
+               allow_pickle_weights: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for inference from any --model form, safetensors only
+    unless allow_pickle_weights (params.yaml; then torch loads pickles with weights_only=True).
 
     A PEFT adapter directory written by `ftlib train` loads its base model (recorded in
     ftlib_train.json) in full precision and attaches the adapter.
     """
     import torch
     from transformers import AutoModelForCausalLM
+
+    from ftlib.security import check_model_dir
 
     if str(model).endswith(".gguf"):
         raise ModelError(f"{model}: a GGUF file runs on llama.cpp, not transformers; commands that accept it use load_predictor")
@@ -191,20 +200,23 @@ def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = Fal
         spec = json.loads(variant.read_text())
         if spec["kind"] != "torch-int8":
             raise ModelError(f"{variant}: unknown variant kind {spec['kind']!r}")
-        base, tok = load_model(str((Path(model) / spec["source"]).resolve()), "float32", trust_remote_code)
+        base, tok = load_model(str((Path(model) / spec["source"]).resolve()), "float32", trust_remote_code, allow_pickle_weights)
         return torch_int8(base), tok
     info = train_info(model)
     if info is not None and (Path(model) / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base, _ = load_model(info["base_model"], dtype, trust_remote_code)
+        check_model_dir(model, trust_remote_code, allow_pickle_weights)  # adapter_model.bin is a pickle too
+        base, _ = load_model(info["base_model"], dtype, trust_remote_code, allow_pickle_weights)
         m = PeftModel.from_pretrained(base, model)
         m.eval()
         return m, load_tokenizer(model, trust_remote_code)
     path = resolve(model)
+    check_model_dir(path, trust_remote_code, allow_pickle_weights)
     quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text()) if Path(path, "config.json").is_file() else False
     m = AutoModelForCausalLM.from_pretrained(  # a bitsandbytes variant keeps its own compute dtype
-        path, dtype="auto" if quantized else getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        path, dtype="auto" if quantized else getattr(torch, dtype), use_safetensors=None if allow_pickle_weights else True,
+        trust_remote_code=trust_remote_code,  # None: safetensors when present, else the pickle
     )
     m.eval()
     return m, load_tokenizer(model, trust_remote_code)
@@ -245,4 +257,7 @@ def gguf_tokenizer(path: str, template: str = "chat") -> tuple[Any, str]:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    from ftlib.security import check_chat_template
+
+    check_chat_template(tok.chat_template, f"{gguf} (tokenizer.chat_template metadata)")
     return tok, template

@@ -129,10 +129,14 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def quantize(model: str | Path = "models/adapter", out_dir: str | Path = "models/quantized",
              merged_dir: str | Path = "models/merged", variants: list[str] | tuple[str, ...] = ALL_VARIANTS,
-             merged_dtype: str = "float16", progress: Any = print) -> list[dict[str, Any]]:
-    """Write every requested variant of `model`; returns (and writes) the variants.json manifest."""
+             merged_dtype: str = "float16", progress: Any = print, allow_pickle_weights: bool = False) -> list[dict[str, Any]]:
+    """Write every requested variant of `model`; returns (and writes) the variants.json manifest.
+
+    allow_pickle_weights reaches the merge only: every variant is written from safetensors.
+    """
     from ftlib.merge import merge_adapter
     from ftlib.models import load_tokenizer, resolve
+    from ftlib.security import check_model_dir
 
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
     if unknown:
@@ -141,9 +145,12 @@ def quantize(model: str | Path = "models/adapter", out_dir: str | Path = "models
     out.mkdir(parents=True, exist_ok=True)
     if (Path(model) / "adapter_config.json").is_file():
         progress(f"merging {model} -> {merged_dir} ({merged_dtype})")
-        hf_dir = merge_adapter(model, merged_dir, merged_dtype)
+        hf_dir = merge_adapter(model, merged_dir, merged_dtype, allow_pickle_weights)
     else:
         hf_dir = Path(resolve(model))
+        check_model_dir(hf_dir)
+    # The chat template is embedded in every GGUF: load_tokenizer checks it (sandbox) before anything is written.
+    tokenizer = load_tokenizer(str(hf_dir))
     manifest = [{"name": "merged", "kind": f"merged-{merged_dtype}" if hf_dir == Path(merged_dir) else "hf",
                  "runtime": "transformers", "path": str(hf_dir)}]
     _copy_tokenizer(hf_dir, out)  # GGUF files beside it render prompts with the training template
@@ -165,7 +172,7 @@ def quantize(model: str | Path = "models/adapter", out_dir: str | Path = "models
         if "f16" not in ggufs:
             f16.unlink()
         ship = next(f"model-{k}.gguf" for k in ("q4_k_m", "q8_0", "f16") if k in ggufs)
-        (out / "Modelfile").write_text(modelfile(ship, load_tokenizer(str(hf_dir))))
+        (out / "Modelfile").write_text(modelfile(ship, tokenizer))
     for kind in (v for v in TRANSFORMERS_VARIANTS if v in variants):
         progress(f"{kind} <- {hf_dir}")
         path = torch_int8_variant(hf_dir, out / kind) if kind == "torch-int8" else bnb_variant(hf_dir, out / kind, kind)

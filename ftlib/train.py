@@ -138,14 +138,17 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from ftlib.models import load_tokenizer, resolve
+    from ftlib.security import check_model_dir
 
     cfg = params.train
     path = resolve(params.base_model)
+    check_model_dir(path, params.trust_remote_code, params.allow_pickle_weights)
     tokenizer = load_tokenizer(params.base_model, params.trust_remote_code)
     if use_unsloth(cfg.backend):
         return _load_unsloth(params, path, bf16), tokenizer
 
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": params.trust_remote_code}
+    kwargs: dict[str, Any] = {"use_safetensors": None if params.allow_pickle_weights else True,  # None: else the pickle
+                              "trust_remote_code": params.trust_remote_code}
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -24,9 +25,10 @@ def test_dockerfiles_pass_hadolint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_trainer_image_runs_as_non_root():
-    users = re.findall(r"^USER\s+(\S+)", (DOCKER / "Dockerfile.trainer").read_text(), re.M)
-    assert users and users[-1] not in ("root", "0")
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.trainer", "Dockerfile.airflow"])
+def test_images_run_as_non_root(dockerfile):
+    users = re.findall(r"^USER\s+(\S+)", (DOCKER / dockerfile).read_text(), re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
 
 
 def test_compose_stack_is_consistent():
