@@ -541,7 +541,7 @@ def evaluate(
         err.print(f"[red]error:[/] {'--mode loglik' if mode == 'loglik' else '--plot'} needs classification data (data.task is {task})")
         raise typer.Exit(2)
     if not data.is_file():
-        err.print(f"[red]error:[/] {data}: no such file")
+        err.print(f"[red]error:[/] {data}: {'is a directory, expected a .jsonl file' if data.is_dir() else 'no such file'}")
         raise typer.Exit(2)
     try:
         m = run_evaluate(model, data, labels=params.data.labels, task=task, mode=mode, template=params.template,

@@ -18,14 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ftlib.config import Params
-from ftlib.formats import ROLES, Issue, Row, read_rows, render, render_texts, to_example, write_jsonl
+from ftlib.formats import Issue, Row, chat_problems, read_rows, render, render_texts, to_example, write_jsonl
 
 
 class UsageError(ValueError):
@@ -99,37 +100,16 @@ def _strip(v: Any) -> Any:
     return v.strip() if isinstance(v, str) else None
 
 
-def _chat_problems(msgs: Any) -> dict[str, str | None]:
-    """Role rules for one conversation; each value is a message or None when fine."""
-    out: dict[str, str | None] = {"structure": None, "roles": None, "order": None, "ends": None, "empty": None}
-    if not isinstance(msgs, list) or not msgs:
-        out["structure"] = "`messages` must be a non-empty list" if msgs is not None else None
-        return out
-    for i, m in enumerate(msgs, 1):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            out["structure"] = f"message {i} must be an object with string `role` and `content`"
-            return out
-    roles = [m["role"] for m in msgs]
-    unknown = [(i, r) for i, r in enumerate(roles, 1) if r not in ROLES]
-    if unknown:
-        out["roles"] = f"message {unknown[0][0]} has unknown role {unknown[0][1]!r} (allowed: system, user, assistant)"
-    elif "system" in roles[1:]:
-        out["roles"] = f"message {roles.index('system', 1) + 1}: a system message may only come first"
-    turns = roles[1:] if roles[0] == "system" else roles
-    if not out["roles"]:
-        for i, r in enumerate(turns):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if r != expected:
-                pos = i + 1 + (roles[0] == "system")
-                out["order"] = (f"message {pos} is {r!r} but a user turn must precede each assistant turn"
-                                if r == "assistant" else f"message {pos}: two {r} turns in a row")
-                break
-    if roles[-1] != "assistant":
-        out["ends"] = f"conversation ends with a {roles[-1]!r} turn; it must end with the assistant answer to learn"
-    empty = [i for i, m in enumerate(msgs, 1) if not m["content"].strip()]
-    if empty:
-        out["empty"] = f"message {empty[0]} has empty content"
-    return out
+# C0/C1 control characters other than tab, newline and CR: legal JSON when escaped
+# (\u0007), but in training text they are scraping debris the model would learn to emit.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _control_chars(fields: Iterable[tuple[str, Any]]) -> str | None:
+    for name, value in fields:
+        if isinstance(value, str) and (m := _CONTROL.search(value)):
+            return f"control character U+{ord(m.group()):04X} in {name}; only tab, newline and CR belong in text"
+    return None
 
 
 def _frame(rows: list[Row], fmt: str, token_counts: dict[int, int]) -> Any:
@@ -150,14 +130,16 @@ def _frame(rows: list[Row], fmt: str, token_counts: dict[int, int]) -> Any:
                 "instruction_type": _type(o, "instruction"), "input_type": _type(o, "input"),
                 "output_type": _type(o, "output"),
                 "extra_fields": ", ".join(sorted(set(o) - {"instruction", "input", "output"})) or None,
+                "control_chars": _control_chars((f"`{k}`", o.get(k)) for k in ("instruction", "input", "output")),
             }
         else:
             msgs = o.get("messages")
-            problems = _chat_problems(msgs)
+            problems = chat_problems(msgs)
             last = msgs[-1] if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) else {}
             answer = last.get("content") if last.get("role") == "assistant" else None
+            contents = ((f"message {i}", m.get("content")) for i, m in enumerate(msgs, 1) if isinstance(m, dict)) if isinstance(msgs, list) else ()
             rec |= {"messages_present": msgs, "output": _strip(answer),
-                    "extra_fields": ", ".join(sorted(set(o) - {"messages"})) or None}
+                    "extra_fields": ", ".join(sorted(set(o) - {"messages"})) or None, "control_chars": _control_chars(contents)}
             rec |= {f"{k}_problem": v for k, v in problems.items()}
         records.append(rec)
     df = pd.DataFrame.from_records(records)
@@ -195,6 +177,7 @@ def _expectations(fmt: str, params: Params) -> list[tuple[str, str, str, Any]]:
         ]
     rules += [
         ("extra-field", "warning", "unknown field(s) ignored: {value}", gxe.ExpectColumnValuesToBeNull(column="extra_fields")),
+        ("control-char", "warning", "{value}", gxe.ExpectColumnValuesToBeNull(column="control_chars")),
         ("min-output-length", "error", f"output has {{value}} characters, fewer than min_output_chars={v.min_output_chars}",
          gxe.ExpectColumnValuesToBeBetween(column="output_len", min_value=v.min_output_chars)),
         ("max-tokens", "error", f"{{value}} tokens after the {params.template} template > max_seq_length={params.max_seq_length}",
