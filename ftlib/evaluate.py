@@ -275,7 +275,11 @@ def evaluate(
             row["logliks"] = dict(zip(labels, s))
     if predictions_csv is not None:
         write_predictions(rows, predictions_csv)
+    from ftlib.lineage import md5, weight_md5s
+
+    # which weights and which test file these numbers belong to: the gate refuses metrics of another model
     return {**metrics, "task": task, "mode": mode, "model": str(model), "data": str(data),
+            "model_files": weight_md5s(model), "data_md5": md5(Path(data)),
             "runtime": predictor.runtime, "seconds": round(seconds, 2),
             "examples_per_s": round(len(examples) / seconds, 3) if seconds > 0 else None, "predictions": rows}
 

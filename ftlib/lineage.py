@@ -37,6 +37,14 @@ def md5(path: Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
+def weight_md5s(model: str | Path) -> dict[str, str]:
+    """{file name: md5} of a local model's weights (a directory's *.safetensors, or a GGUF file); {} otherwise."""
+    p = Path(str(model))
+    if p.is_dir():
+        return {f.name: md5(f) for f in sorted(p.glob("*.safetensors"))}
+    return {p.name: md5(p)} if p.is_file() else {}
+
+
 def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -66,7 +66,10 @@ def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path
         target = raw / f.name
         if target.exists():
             target = raw / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6:06d}-{f.name}"
-        os.replace(f, target)
+        try:
+            os.replace(f, target)
+        except FileNotFoundError:  # another collector moved it first: it is in raw, not lost
+            continue
         moved.append(target)
     return moved
 

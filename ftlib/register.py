@@ -53,6 +53,7 @@ class Gate:
     thresholds: dict[str, float]
     key: str
     run_id: str | None = None
+    metrics_md5: str = ""            # the metrics.json decided on: a cached decision is reused only for the same file
 
 
 @dataclass
@@ -160,6 +161,19 @@ def register_key(params: Params, data_dir: Path, adapter: Path, root: Path = Pat
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def provenance_problems(metrics: dict[str, Any], adapter: Path, test_file: Path, metrics_name: str = "metrics.json") -> list[str]:
+    """Why these metrics may not be the candidate's on this test split (stale, copied, hand-edited)."""
+    fix = "rerun `ftlib evaluate` (or `dvc repro evaluate`) on the candidate"
+    if "model_files" not in metrics or "data_md5" not in metrics:
+        return [f"{metrics_name} does not record which weights and test split it scored: {fix}"]
+    problems = []
+    if metrics["model_files"] != lineage.weight_md5s(adapter):
+        problems.append(f"{metrics_name} scored other weights than {adapter}: {fix}")
+    if test_file.is_file() and metrics["data_md5"] != lineage.md5(test_file):
+        problems.append(f"{metrics_name} scored another test split than {test_file}: {fix}")
+    return problems
+
+
 def primary_metrics(params: Params, metrics: dict[str, Any]) -> dict[str, float]:
     """{"score", "f1"}: accuracy and weighted F1 for classification, exact match and chrF/100 otherwise."""
     if params.data.task == "classification":
@@ -176,12 +190,13 @@ def score_model(model: str, params: Params, test_file: Path) -> dict[str, float]
 
 
 def decide(params: Params, candidate_metrics: dict[str, Any], test_file: Path, key: str,
-           rescore: Callable[[str], dict[str, float]] | None = None) -> Gate:
-    """Apply the gate. `rescore(models:/ URI)` scores the champion (default: score_model on test_file)."""
+           rescore: Callable[[str], dict[str, float]] | None = None, adapter: Path | None = None) -> Gate:
+    """Apply the gate. `rescore(models:/ URI)` scores the champion (default: score_model on test_file).
+    With `adapter`, metrics that were not computed on its weights and this test split are refused."""
     cfg = params.register
     metric = "accuracy" if params.data.task == "classification" else "exact_match"
     cand = primary_metrics(params, candidate_metrics)
-    reasons = []
+    reasons = provenance_problems(candidate_metrics, adapter, test_file) if adapter is not None else []
     if cand["score"] < cfg.accuracy_threshold:
         reasons.append(f"{metric} {cand['score']:.3f} < accuracy_threshold {cfg.accuracy_threshold:.3f}")
     if cfg.f1_threshold > 0 and cand["f1"] < cfg.f1_threshold:
@@ -241,7 +256,8 @@ def gate(params: Params, metrics_file: Path = Path("reports/metrics.json"), data
         raise FileNotFoundError(f"{metrics_file}: missing; run `ftlib evaluate` (or `dvc repro evaluate`) first")
     c = client()
     key = key or register_key(params, data_dir, adapter)
-    g = decide(params, json.loads(metrics_file.read_text()), data_dir / "test.jsonl", key, rescore)
+    g = decide(params, json.loads(metrics_file.read_text()), data_dir / "test.jsonl", key, rescore, adapter)
+    g.metrics_md5 = lineage.md5(metrics_file)
     # register() passes the key and lineage it computed: hashing the base weights twice is slow for 8B models
     log_gate(c, g, tags if tags is not None else lineage.collect(as_dict(params), data_dir, adapter))
     if out is not None:
@@ -415,7 +431,8 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
     if cached.is_file():  # the DAG's gate task decided moments ago: reuse it if nothing changed since
         saved = json.loads(cached.read_text())
         champ = alias_version(c, name, "champion")
-        if saved.get("key") == key and (saved.get("champion") or {}).get("version") == (str(champ.version) if champ else None):
+        same_metrics = (reports / "metrics.json").is_file() and saved.get("metrics_md5") == lineage.md5(reports / "metrics.json")
+        if saved.get("key") == key and same_metrics and (saved.get("champion") or {}).get("version") == (str(champ.version) if champ else None):
             g = Gate(**saved)
     tags = lineage.collect(as_dict(params), data_dir, adapter)
     if g is None:

@@ -88,6 +88,15 @@ def wait(what: str, check, timeout: float, every: float = 3.0):
     raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop `airflow standalone` and every process it started (its own session)."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
 def screenshot(base: str, out: Path) -> str:
     try:
         from selenium import webdriver
@@ -176,11 +185,7 @@ def main() -> None:
                    "landing_left": sorted(p.name for p in landing.iterdir())}
         result["screenshot"] = screenshot(base, args.screenshot)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop(proc)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         print(json.dumps(result))

@@ -70,3 +70,93 @@ def test_corrupt_latest_checkpoint_is_skipped_and_training_resumes_from_the_prev
     import json
 
     assert json.loads((tmp_path / "adapter" / "ftlib_train.json").read_text())["global_step"] == 4
+
+
+# ---------------------------------------------------------------------------
+# Gate integrity
+
+@pytest.fixture(scope="module")
+def good_and_shuffled(tmp_path_factory, tiny_model):
+    """The same tiny Llama fully fine-tuned on true labels and on shuffled ones (test accuracy 1.0 vs ~chance)."""
+    import random
+
+    from ftlib.train import train
+    from tests.conftest import balanced, train_params, write_jsonl
+
+    root = tmp_path_factory.mktemp("integrity")
+    rows = balanced(14)
+    random.Random(0).shuffle(rows)
+    train_rows, test_rows = rows[:30], rows[30:]
+    splits = root / "data" / "splits"
+    write_jsonl(splits / "train.jsonl", train_rows)
+    write_jsonl(splits / "validation.jsonl", test_rows[:3])
+    write_jsonl(splits / "test.jsonl", test_rows)
+    labels = [r["output"] for r in train_rows]
+    random.Random(1).shuffle(labels)
+    write_jsonl(root / "shuffled" / "train.jsonl", [{**r, "output": lab} for r, lab in zip(train_rows, labels)])
+    for f in ("validation.jsonl", "test.jsonl"):
+        (root / "shuffled" / f).write_bytes((splits / f).read_bytes())
+    models = {}
+    for name, data in (("good", splits), ("shuffled", root / "shuffled")):
+        p = train_params(tiny_model, root / name, "train.method=full", "train.max_steps=150", "train.learning_rate=3e-3",
+                         "train.num_train_epochs=100")
+        train(p, data, None)
+        models[name] = Path(p.train.output_dir)
+    return root, models
+
+
+@pytest.mark.slow
+def test_gate_integrity_shuffled_labels_stale_metrics_and_champion(good_and_shuffled, tiny_model, monkeypatch):
+    import json
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from ftlib.config import load_params
+    from ftlib.evaluate import evaluate
+    from ftlib.promote import promote
+    from ftlib.register import RegistryError, register
+    from tests.conftest import LABELS
+
+    root, models = good_and_shuffled
+    monkeypatch.chdir(root)
+    n = f"integrity-{uuid.uuid4().hex[:8]}"
+    c = MlflowClient()
+
+    def params(*o: str):
+        return load_params(REPO / "params.yaml", [f"base_model={tiny_model}", f"register.model_name={n}",
+                                                  "register.accuracy_threshold=0.5", "register.log_merged=false", *o])
+
+    def scored(model: Path) -> float:
+        m = evaluate(str(model), Path("data/splits/test.jsonl"), labels=LABELS, progress=False)
+        Path("reports").mkdir(exist_ok=True)
+        Path("reports/metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "predictions"}))
+        return m["accuracy"]
+
+    def names() -> list[str]:
+        return sorted(str(v.version) for v in c.search_model_versions(f"name = '{n}'"))
+
+    bad_acc = scored(models["shuffled"])
+    assert bad_acc < 0.5
+    r = register(params(), models["shuffled"])
+    assert r.status == "refused" and "< accuracy_threshold 0.500" in r.gate.reasons[0] and names() == []
+
+    assert scored(models["good"]) == 1.0
+    assert register(params(), models["good"]).version == "1"
+    promote(c, n, alias="challenger", reason="the good model")
+
+    # the good model's metrics.json left in place while the shuffled model is the candidate
+    stale = register(params("register.accuracy_threshold=0"), models["shuffled"])
+    assert stale.status == "refused" and any("scored other weights" in x for x in stale.gate.reasons)
+
+    # its own metrics, no threshold: it still has to beat the (re-scored) champion
+    scored(models["shuffled"])
+    worse = register(params("register.accuracy_threshold=0"), models["shuffled"])
+    assert worse.status == "refused" and "does not beat champion v1 (1.000)" in worse.gate.reasons[0]
+    assert names() == ["1"] and str(c.get_model_version_by_alias(n, "champion").version) == "1"
+
+    forced = register(params("register.accuracy_threshold=0"), models["shuffled"], force=True, reason="audit copy")
+    with pytest.raises(RegistryError, match="failed the gate"):
+        promote(c, n, version=forced.version)
+    assert str(c.get_model_version_by_alias(n, "champion").version) == "1"
+    assert not c.get_model_version(n, forced.version).aliases or c.get_model_version(n, forced.version).aliases == ["challenger"]
