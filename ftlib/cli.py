@@ -99,14 +99,10 @@ def _summary(result) -> Table:
     table = Table(title="validation summary")
     for col in ("file", "lines", "valid", "errors", "warnings"):
         table.add_column(col, justify="left" if col == "file" else "right")
-    bad = result.bad_lines()
-    rows = Counter(r.file for r in result.rows)
-    valid = Counter(r.file for r in result.rows if (r.file, r.line) not in bad)
-    parsed = {(r.file, r.line) for r in result.rows}
-    unparsed = Counter(f for f, line in {(i.file, i.line) for i in result.issues if i.line > 0} if (f, line) not in parsed)
     sev = Counter((i.file, i.severity) for i in result.issues)
     for f in result.files:
-        table.add_row(f, str(rows[f] + unparsed[f]), str(valid[f]), str(sev[(f, "error")]), str(sev[(f, "warning")]))
+        n = result.per_file[f]
+        table.add_row(f, str(n["lines"]), str(n["valid"]), str(sev[(f, "error")]), str(sev[(f, "warning")]))
     return table
 
 
@@ -166,7 +162,7 @@ def validate(
         if (rules := _rules_table(result)) is not None:
             out.print(rules)
         verdict = "[green]valid[/]" if result.ok else "[red]INVALID[/]"
-        out.print(f"{verdict}: {len(result.valid_rows())} usable examples, {len(result.errors)} errors, "
+        out.print(f"{verdict}: {result.n_valid} usable examples, {len(result.errors)} errors, "
                   f"{len(result.warnings)} warnings in {result.elapsed_s:.1f}s")
         if not no_report:
             out.print(f"report: {report_dir / 'report.json'}  quarantine: {report_dir / 'quarantine.jsonl'}"

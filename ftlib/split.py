@@ -9,21 +9,23 @@ else test. Consequences:
   * every label is cut by the same thresholds, so each label gets the configured ratios
     (stratified up to sampling noise: exact per-label counts are printed and stored).
 
-The stage validates first and refuses invalid data, so nothing downstream ever trains
-on rows that broke a contract.
+The stage validates and refuses invalid data, so nothing downstream ever trains on rows
+that broke a contract. It streams: rows go to temporary split files as validation passes
+them, and the files replace the old splits only when the data as a whole is valid.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ftlib.config import Params
-from ftlib.formats import write_jsonl
-from ftlib.validate import ValidationResult, content_key, prompt_key, validate_paths
+from ftlib.formats import Row
+from ftlib.validate import CHUNK_ROWS, ValidationResult, prompt_key, validate_paths
 
 SPLITS = ("train", "validation", "test")
 
@@ -62,41 +64,85 @@ def label_of(obj: dict[str, Any]) -> str:
     return obj["output"].strip()
 
 
+class _Writer:
+    """Streams rows into <split>.jsonl.tmp files while validation runs: commit() moves them
+    into place, discard() leaves no trace (not even the directories it created)."""
+
+    def __init__(self, out: Path, params: Params):
+        self.out, self.params = out, params
+        self.handles: dict[str, Any] = {}
+        self.created: list[Path] = []
+        self.counts: Counter[str] = Counter({s: 0 for s in SPLITS})
+        self.per_label: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
+        self.dropped = 0
+
+    def _open(self) -> None:
+        self.created = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+        for s in SPLITS:
+            self.handles[s] = self._tmp(s).open("w", encoding="utf-8", newline="\n")
+
+    def _tmp(self, split: str) -> Path:
+        return self.out / f"{split}.jsonl.tmp"
+
+    def add(self, rows: list[tuple[Row, bool]]) -> None:
+        if not self.handles:
+            self._open()
+        classification = self.params.data.task == "classification"
+        for row, repeat in rows:
+            if repeat:  # exact duplicates only get here as warnings: keep the first copy
+                self.dropped += 1
+                continue
+            split = assign(prompt_key(row.obj), self.params)
+            self.handles[split].write(json.dumps(row.obj, ensure_ascii=False) + "\n")
+            self.counts[split] += 1
+            if classification:
+                self.per_label[split][label_of(row.obj)] += 1
+
+    def commit(self) -> None:
+        if not self.handles:
+            self._open()
+        for s, h in self.handles.items():
+            h.close()
+            self._tmp(s).replace(self.out / f"{s}.jsonl")
+
+    def discard(self) -> None:
+        for s, h in self.handles.items():
+            h.close()
+            self._tmp(s).unlink(missing_ok=True)
+        for d in self.created:  # deepest first; only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
 def split_paths(
     paths: list[str | Path],
     params: Params,
     out_dir: str | Path = "data/splits",
     tokenizer: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> SplitResult:
-    """Validate `paths`, then write train/validation/test.jsonl into out_dir."""
-    checked = validate_paths(paths, params, tokenizer=tokenizer, progress=progress)
-    if not checked.ok:
-        raise InvalidData(checked)
-
-    buckets: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    seen: set[str] = set()
-    dropped = 0
-    per_label: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
-    for row in checked.valid_rows():
-        # Exact duplicates can only reach here as warnings: keep the first copy.
-        full = content_key(row.obj)
-        if full in seen:
-            dropped += 1
-            continue
-        seen.add(full)
-        split = assign(prompt_key(row.obj), params)
-        buckets[split].append(row.obj)
-        if params.data.task == "classification":
-            per_label[split][label_of(row.obj)] += 1
-
+    """Validate `paths` and write train/validation/test.jsonl into out_dir, in one streaming
+    pass over the rows; on invalid data the files are discarded and nothing is written."""
     out = Path(out_dir)
-    for split, objs in buckets.items():
-        write_jsonl(out / f"{split}.jsonl", objs)
+    writer = _Writer(out, params)
+    try:
+        checked = validate_paths(paths, params, tokenizer=tokenizer, progress=progress, chunk_rows=chunk_rows, sink=writer.add)
+    except BaseException:
+        writer.discard()
+        raise
+    if not checked.ok:
+        writer.discard()
+        raise InvalidData(checked)
+    writer.commit()
     return SplitResult(
         str(out),
-        {s: len(v) for s, v in buckets.items()},
-        {s: dict(sorted(c.items())) for s, c in per_label.items()} if params.data.task == "classification" else {},
-        dropped,
+        dict(writer.counts),
+        {s: dict(sorted(c.items())) for s, c in writer.per_label.items()} if params.data.task == "classification" else {},
+        writer.dropped,
         checked,
     )

@@ -254,13 +254,16 @@ def test_reader_never_raises(tmp_path_factory, data):
     assert_clean_verdict(f, data, issues, [r.line for r in rows])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.lists(lines, min_size=1, max_size=8).map(b"\n".join))
-def test_validator_never_raises(tmp_path_factory, tokenizer, data):
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.lists(lines, min_size=1, max_size=8).map(b"\n".join), chunk_rows=st.integers(1, 3))
+def test_validator_never_raises_and_chunks_change_nothing(tmp_path_factory, tokenizer, data, chunk_rows):
     d = tmp_path_factory.mktemp("fuzzv", numbered=True)
     f = d / "f.jsonl"
     f.write_bytes(data)
-    result = validate_paths([f], PARAMS, d / "out", tokenizer=tokenizer)
+    result = validate_paths([f], PARAMS, d / "one", tokenizer=tokenizer)
     assert_clean_verdict(f, data, result.issues, [r.line for r in result.rows])
     assert result.ok == (not result.errors)
-    assert (d / "out" / "report.json").is_file() and (d / "out" / "quarantine.jsonl").is_file()
+    chunked = validate_paths([f], PARAMS, d / "chunked", tokenizer=tokenizer, chunk_rows=chunk_rows)
+    assert chunked.issues == result.issues
+    for name in ("report.json", "quarantine.jsonl"):
+        assert (d / "one" / name).read_bytes() == (d / "chunked" / name).read_bytes()

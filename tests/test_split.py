@@ -94,3 +94,28 @@ def test_invalid_data_is_refused_and_nothing_written(tmp_path, params, tokenizer
         split_paths([f], params, tmp_path / "s", tokenizer=tokenizer)
     assert [i.rule for i in e.value.result.errors] == ["json"]
     assert not (tmp_path / "s").exists()
+
+
+def test_invalid_data_leaves_existing_splits_untouched(tmp_path, params, tokenizer):
+    split_paths([write_jsonl(tmp_path / "good.jsonl", balanced(20))], params, tmp_path / "s", tokenizer=tokenizer)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    bad = write_jsonl(tmp_path / "bad.jsonl", balanced(20, start=50) + ['{"broken": '])
+    with pytest.raises(InvalidData):  # valid chunks were streamed to temp files before the bad line
+        split_paths([bad], params, tmp_path / "s", tokenizer=tokenizer, chunk_rows=7)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_chunked_split_equals_one_chunk(tmp_path, tokenizer):
+    """20,000 rows with duplicates and contradictions let through as warnings: byte-identical
+    split files, counts and dropped duplicates whether validated 1,000 rows at a time or at once."""
+    p = load_params(None, ["validate.duplicates=warning", "validate.contradictions=warning", "validate.data_docs=false"])
+    rows = balanced(6_667)
+    rows += [rows[3], rows[15_000], alpaca(rows[5]["input"], "NEUTRAL" if rows[5]["output"] != "NEUTRAL" else "POSITIVO")]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    one = split_paths([f], p, tmp_path / "one", tokenizer=tokenizer, chunk_rows=10**9)
+    many = split_paths([f], p, tmp_path / "many", tokenizer=tokenizer, chunk_rows=1_000)
+    assert one.duplicates_dropped == many.duplicates_dropped == 2
+    assert (one.counts, one.per_label) == (many.counts, many.per_label) and sum(one.counts.values()) == len(rows) - 2
+    for s in SPLITS:
+        assert (tmp_path / "one" / f"{s}.jsonl").read_bytes() == (tmp_path / "many" / f"{s}.jsonl").read_bytes()

@@ -209,3 +209,42 @@ def test_directory_inside_and_missing_paths(tmp_path, params, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no \\*.jsonl"):
         validate_paths([tmp_path / "empty"], params, tokenizer=tokenizer)
+
+
+def _with_problems(tmp_path: Path, n_per_label: int) -> Path:
+    """Two files of distinct rows plus problems far apart: across files and chunks."""
+    rows = balanced(n_per_label)
+    half = len(rows) // 2
+    a = rows[:half] + [{**alpaca("con id"), "id": 1}, '{"instruction": broken']
+    b = rows[half:] + [rows[3], alpaca(rows[5]["input"], "NEUTRAL" if rows[5]["output"] != "NEUTRAL" else "POSITIVO"),
+                       alpaca("etiqueta rara", "MEH"), {"messages": [{"role": "user", "content": "hola"}, {"role": "assistant", "content": "POSITIVO"}]}]
+    write_jsonl(tmp_path / "raw" / "a.jsonl", a)
+    write_jsonl(tmp_path / "raw" / "b.jsonl", b)
+    return tmp_path / "raw"
+
+
+@pytest.mark.slow
+def test_chunks_change_nothing(tmp_path, params, tokenizer):
+    """20,000 rows checked 1,000 at a time: the same issues, report and quarantine as in one chunk."""
+    raw = _with_problems(tmp_path, 6_667)
+    one = validate_paths([raw], params, tmp_path / "one", tokenizer=tokenizer, chunk_rows=10**9)
+    many = validate_paths([raw], params, tmp_path / "many", tokenizer=tokenizer, chunk_rows=1_000)
+    assert one.n_rows == many.n_rows > 20_000 and one.n_valid == many.n_valid
+    assert {"duplicate", "contradiction", "json", "label", "mixed-format"} <= set(rules(one)) and rules(one, "warning") == ["extra-field"]
+    assert one.issues == many.issues
+    for name in ("report.json", "quarantine.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes()
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    # the row repeated across files is flagged on both copies, far apart
+    assert [(Path(i["file"]).name, i["line"]) for i in report["issues"] if i["rule"] == "duplicate"] == [("a.jsonl", 4), ("b.jsonl", 10_002)]
+
+
+def test_a_file_that_changes_during_validation_is_refused(tmp_path, params, tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", balanced(10))
+
+    def append(_rows):  # someone appends while validation reads the file
+        with f.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(alpaca(f"late {fh.tell()}")) + "\n")
+
+    result = validate_paths([f], params, tokenizer=tokenizer, chunk_rows=7, sink=append)
+    assert [str(i) for i in result.errors] == [f"{f}:0: changed: the file changed while it was being validated; run again"]
