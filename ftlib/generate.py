@@ -134,20 +134,22 @@ def decode_rate(run: Any, tokens: int, repeats: int = 3) -> float | None:
 
     `run(n)` generates n tokens for one fixed prompt. A warm-up call first (weights paged
     in, llama.cpp's prompt cache filled, so neither timing pays for it), then the best of
-    `repeats` for each length: a busy machine only ever makes a run slower. None when the
-    difference is not positive (the machine was too noisy to measure).
+    `repeats` for each length: a busy machine only ever makes a run slower. A difference
+    that is not positive (a stall during the short runs) is measured again, up to 3 rounds;
+    None when it never is (the machine was too noisy to measure).
     """
     run(1)
-    best = {}
-    for n in (1, tokens + 1):
-        timings = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            run(n)
-            timings.append(time.perf_counter() - t)
-        best[n] = min(timings)
-    gap = best[tokens + 1] - best[1]
-    return tokens / gap if gap > 0 else None
+    best = {1: float("inf"), tokens + 1: float("inf")}
+    for _ in range(3):
+        for n in best:
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run(n)
+                best[n] = min(best[n], time.perf_counter() - t)
+        gap = best[tokens + 1] - best[1]
+        if gap > 0:
+            return tokens / gap
+    return None
 
 
 class HFPredictor:
