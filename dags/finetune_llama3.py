@@ -48,17 +48,21 @@ def _rel(project_dir: str, p: str | Path) -> str:
     return os.path.relpath(_path(project_dir, str(p)), project_dir)
 
 
-def _ftlib(project_dir: str, params_file: str, overrides: list[str], *args: str, ok: tuple[int, ...] = (0,)) -> int:
-    """`python -m ftlib ARGS -p params -o ...` here, with the Airflow run ids in its environment (lineage)."""
+def _airflow_ids() -> dict[str, str]:
+    """The Airflow dag/run/task ids, for the lineage ftlib records in MLflow."""
     from airflow.sdk import get_current_context
 
+    ctx = get_current_context()
+    return {"AIRFLOW_CTX_DAG_ID": ctx["dag"].dag_id, "AIRFLOW_CTX_DAG_RUN_ID": ctx["run_id"],
+            "AIRFLOW_CTX_TASK_ID": ctx["task"].task_id}
+
+
+def _ftlib(project_dir: str, params_file: str, overrides: list[str], *args: str, ok: tuple[int, ...] = (0,)) -> int:
+    """`python -m ftlib ARGS -p params -o ...` here, with the Airflow run ids in its environment (lineage)."""
     cmd = [sys.executable, "-m", "ftlib", *args, "-p", str(_path(project_dir, params_file))]
     for o in overrides:
         cmd += ["-o", o]
-    ctx = get_current_context()
-    env = {**os.environ, "AIRFLOW_CTX_DAG_ID": ctx["dag"].dag_id, "AIRFLOW_CTX_DAG_RUN_ID": ctx["run_id"],
-           "AIRFLOW_CTX_TASK_ID": ctx["task"].task_id}
-    code = subprocess.run(cmd, cwd=project_dir, env=env).returncode
+    code = subprocess.run(cmd, cwd=project_dir, env={**os.environ, **_airflow_ids()}).returncode
     if code not in ok:
         raise RuntimeError(f"ftlib {args[0]} exited with {code}; see the log above")
     return code
@@ -92,7 +96,7 @@ def _dvc_mode(params: dict | None) -> bool:
 def _repro(project_dir: str, stage: str) -> None:
     from ftlib.orchestrate import repro
 
-    print(f"dvc repro {stage}: {repro(project_dir, stage)}")
+    print(f"dvc repro {stage}: {repro(project_dir, stage, _airflow_ids())}")
 
 
 def _overrides(params: dict) -> list[str]:

@@ -51,9 +51,17 @@ def replacing(out: str | Path, what: str = "model") -> Iterator[Path]:
                                 f"nothing was replaced: {out} still holds the previous {what}. "
                                 "Free some space (or point the output elsewhere) and rerun") from e
         raise
+    if not (tmp.exists() or tmp.is_symlink()):  # the writer wrote nothing: keep the old model
+        raise RuntimeError(f"nothing was written for the {what} {out}; {out} still holds the previous {what}")
     # Two renames in one directory: `out` is always the old model or the new one, never a mix.
     _remove(old)
-    if out.exists() or out.is_symlink():
+    had_old = out.exists() or out.is_symlink()
+    if had_old:
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if had_old:
+            old.rename(out)  # put the previous model back
+        raise
     _remove(old)

@@ -95,13 +95,18 @@ def _is_dvc_project(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
+def _dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    import sys
+
+    # dvc.yaml's commands call `ftlib`: the interpreter's bin dir (the venv) must be on PATH
+    return {**os.environ, **(extra or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def _dvc(root: Path, *args: str) -> Any:
     import subprocess
     import sys
 
-    # dvc.yaml's commands call `ftlib`: the interpreter's bin dir (the venv) must be on PATH
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_dvc_env(), capture_output=True, text=True)
 
 
 def dvc_reason(conf: dict[str, Any]) -> str | None:
@@ -112,7 +117,9 @@ def dvc_reason(conf: dict[str, Any]) -> str | None:
     would be invisible to it (such runs call ftlib directly, which still reuses a finished
     training checkpoint of the same data + params).
     """
-    root = Path(conf.get("project_dir", "."))
+    if "project_dir" not in conf:
+        return "no project_dir in the run's params"
+    root = Path(conf["project_dir"])
     if not conf.get("dvc_cache", True):
         return "dvc_cache is off"
     if not _is_dvc_project(root):
@@ -133,22 +140,31 @@ def repro_command(stage: str) -> list[str]:
     return ["dvc", "repro", "--single-item", stage]
 
 
-def repro(project_dir: str | Path, stage: str) -> str:
+def repro(project_dir: str | Path, stage: str, env: dict[str, str] | None = None) -> str:
     """Run one dvc.yaml stage through DVC; what DVC did: "ran", "unchanged" or "restored from cache".
 
     Unchanged deps, params and code with the outputs in place: DVC skips the stage. With
     the outputs missing (a fresh worker, a deleted folder) DVC checks them out of its cache
-    (the run-cache knows every earlier combination too), and nothing is retrained.
+    (the run-cache knows every earlier combination too), and nothing is retrained. The
+    stage's output streams to this log as it runs (training takes a while); `env` adds
+    variables (the Airflow run ids the lineage records).
     """
-    r = _dvc(Path(project_dir), *repro_command(stage)[1:])
-    print(r.stdout, end="")
-    if r.returncode != 0:
-        raise DvcReproError(f"dvc repro {stage} failed in {project_dir}: {(r.stderr or r.stdout).strip()[-2000:]}")
-    for marker, what in ((f"Running stage '{stage}'", "ran"), ("didn't change", "unchanged"),
-                         ("is cached - skipping run", "restored from cache")):
-        if marker in r.stdout:
-            return what
-    return "done"  # a DVC version with other wording
+    import collections
+    import subprocess
+    import sys
+
+    markers = {f"Running stage '{stage}'": "ran", "didn't change": "unchanged", "is cached - skipping run": "restored from cache"}
+    seen, tail = [], collections.deque(maxlen=40)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *repro_command(stage)[1:]], cwd=project_dir, env=_dvc_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        tail.append(line)
+        seen += [what for marker, what in markers.items() if marker in line]
+    if proc.wait() != 0:
+        raise DvcReproError(f"dvc repro {stage} failed in {project_dir}: {''.join(tail).strip()[-2000:]}")
+    return seen[0] if seen else "done"  # "done": a DVC version with other wording
 
 
 def push(project_dir: str | Path, stage: str) -> str:

@@ -167,7 +167,10 @@ def provenance_problems(metrics: dict[str, Any], adapter: Path, test_file: Path,
     if "model_files" not in metrics or "data_md5" not in metrics:
         return [f"{metrics_name} does not record which weights and test split it scored: {fix}"]
     problems = []
-    if metrics["model_files"] != lineage.weight_md5s(adapter):
+    weights = lineage.weight_md5s(adapter)
+    if not weights:
+        problems.append(f"cannot identify the candidate's weights: no *.safetensors in {adapter}")
+    elif metrics["model_files"] != weights:
         problems.append(f"{metrics_name} scored other weights than {adapter}: {fix}")
     if test_file.is_file() and metrics["data_md5"] != lineage.md5(test_file):
         problems.append(f"{metrics_name} scored another test split than {test_file}: {fix}")

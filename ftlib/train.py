@@ -568,6 +568,8 @@ def _save(trainer: Any, tokenizer: Any, params: Params, result: TrainResult, dat
     """Write the output directory atomically: the previous model stays until the new one is complete."""
     from ftlib.atomic import replacing
 
+    if not trainer.is_world_process_zero():  # under `accelerate launch`, rank 0 alone writes the model
+        return
     with replacing(params.train.output_dir, "adapter") as tmp:
         _write_output(trainer, tokenizer, params, result, data_dir, tmp)
 

@@ -160,3 +160,39 @@ def test_gate_integrity_shuffled_labels_stale_metrics_and_champion(good_and_shuf
         promote(c, n, version=forced.version)
     assert str(c.get_model_version_by_alias(n, "champion").version) == "1"
     assert not c.get_model_version(n, forced.version).aliases or c.get_model_version(n, forced.version).aliases == ["challenger"]
+
+
+def test_replacing_keeps_the_previous_model_when_nothing_or_something_bad_is_written(tmp_path):
+    from ftlib.atomic import replacing
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "w.safetensors").write_text("old")
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        with replacing(out, "model"):
+            pass  # e.g. a non-zero rank, or a writer that silently skipped
+    with pytest.raises(ValueError):
+        with replacing(out, "model") as tmp:
+            tmp.mkdir()
+            (tmp / "w.safetensors").write_text("half")
+            raise ValueError("writer crashed")
+    assert (out / "w.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with replacing(out, "model") as tmp:
+        tmp.mkdir()
+        (tmp / "w.safetensors").write_text("new")
+    assert (out / "w.safetensors").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_gate_refuses_metrics_it_cannot_tie_to_the_candidate(tmp_path):
+    from ftlib.lineage import md5
+    from ftlib.register import provenance_problems
+
+    test = tmp_path / "test.jsonl"
+    test.write_text("{}\n")
+    pickle_only = tmp_path / "adapter"
+    pickle_only.mkdir()
+    (pickle_only / "adapter_model.bin").write_bytes(b"x")
+    metrics = {"model_files": {}, "data_md5": md5(test)}  # e.g. `evaluate --model embedded:...`
+    assert "cannot identify the candidate's weights" in provenance_problems(metrics, pickle_only, test)[0]
+    assert "does not record" in provenance_problems({"accuracy": 1.0}, pickle_only, test)[0]
