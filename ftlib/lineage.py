@@ -15,6 +15,7 @@ raw data hashes -> stage graph, plus the exact commands that rebuild the splits;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +33,15 @@ LIBRARIES = ("ftlib", "torch", "transformers", "trl", "peft", "bitsandbytes", "m
 
 
 def md5(path: Path) -> str:
-    """The hash DVC records for a file (md5 of its bytes)."""
-    with path.open("rb") as f:
+    """The hash DVC records for a file (md5 of its bytes). Remembered per (path, size, mtime):
+    the run key, the gate's provenance check and the lineage hash the same weights and splits."""
+    st = Path(path).stat()
+    return _md5(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _md5(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 

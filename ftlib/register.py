@@ -156,7 +156,7 @@ def register_key(params: Params, data_dir: Path, adapter: Path, root: Path = Pat
         "data": {s: lineage.md5(Path(data_dir) / f"{s}.jsonl") for s in lineage.SPLITS if (Path(data_dir) / f"{s}.jsonl").is_file()},
         "params": lineage.params_hash(as_dict(params)),
         "code": code,
-        "adapter": {p.name: lineage.md5(p) for p in sorted(Path(adapter).glob("*.safetensors"))},
+        "adapter": lineage.weight_md5s(adapter) if Path(adapter).is_dir() else {},
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 

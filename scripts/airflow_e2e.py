@@ -55,17 +55,22 @@ def make_project(tmp: Path) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny")
     tok.save_pretrained(tmp / "tiny")
+    write_tiny_params(proj / "params.yaml", str(tmp / "tiny"), "e2e-model")
+    return proj
+
+
+def write_tiny_params(path: Path, base_model: str, model_name: str) -> None:
+    """params.yaml for a run in minutes: 2 training steps, Q8_0 only, a short benchmark, no gate threshold."""
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["base_model"] = str(tmp / "tiny")
+    params["base_model"] = base_model
     params["validate"]["data_docs"] = False
     params["train"].update(max_steps=2, eval_steps=0, per_device_train_batch_size=4)
     params["quantize"]["variants"] = ["q8_0"]
     params["benchmark"].update(include_base=False, max_examples=3, decode_tokens=4, max_new_tokens=4)
-    params["register"].update(model_name="e2e-model", accuracy_threshold=0.0, log_merged=False)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return proj
+    params["register"].update(model_name=model_name, accuracy_threshold=0.0, log_merged=False)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def api(base: str, token: str, method: str, path: str, body: dict | None = None) -> dict:

@@ -150,7 +150,7 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
     from DVC's cache and trains nothing."""
     import shutil
 
-    import yaml
+    from scripts.airflow_e2e import write_tiny_params
 
     home = tmp_path / "af"
     env = airflow_env(home)
@@ -159,14 +159,7 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "ftlib", root / "ftlib", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["base_model"] = tiny_model
-    params["validate"]["data_docs"] = False
-    params["train"].update(max_steps=2, eval_steps=0, per_device_train_batch_size=4)
-    params["quantize"]["variants"] = ["q8_0"]
-    params["benchmark"].update(include_base=False, max_examples=3, decode_tokens=4, max_new_tokens=4)
-    params["register"].update(model_name="dag-dvc", accuracy_threshold=0, log_merged=False)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_tiny_params(root / "params.yaml", tiny_model, "dag-dvc")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(tmp_path / "remote")],
                    cwd=root, check=True)
