@@ -143,7 +143,13 @@ def test_sigkill_midway_then_rerun_resumes_and_finishes(tmp_path, tiny_model):
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "adapter").exists()
     # the kill may land in the middle of writing the next checkpoint: only complete ones count
-    steps_done = max(int(c.parent.name.split("-")[1]) for c in ckpt.glob("*/checkpoint-*/trainer_state.json"))
+    def complete(state: Path) -> bool:  # a state file cut off mid-write does not count
+        try:
+            return json.loads(state.read_text()).get("global_step") is not None
+        except ValueError:
+            return False
+
+    steps_done = max(int(c.parent.name.split("-")[1]) for c in ckpt.glob("*/checkpoint-*/trainer_state.json") if complete(c))
     assert 6 <= steps_done < 40
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
