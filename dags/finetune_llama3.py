@@ -198,7 +198,7 @@ def finetune_llama3():
         from ftlib.orchestrate import repro_command
 
         overrides = _overrides(params or {})
-        args = ["train", "--data-dir", _rel(project_dir, Path(splits["train"]).parent),
+        args = ["train", "--no-compare", "--data-dir", _rel(project_dir, Path(splits["train"]).parent),
                 "--reports-dir", _rel(project_dir, reports_dir)]
         if _dvc_mode(params):
             if executor == "kubernetes":

@@ -284,8 +284,9 @@ def train(
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2 if isinstance(e, FileNotFoundError) else 1)
-    metrics = {"method": params.train.method, "global_step": result.global_step, "train_examples_per_s": round(result.examples_per_s, 3),
-               "train_seconds": round(result.seconds, 1), "eval_loss": result.metrics.get("eval_loss"),
+    metrics = {"method": result.method, "global_step": result.global_step, "train_examples_per_s": result.examples_per_s,
+               "train_seconds": result.seconds, "eval_loss": result.metrics.get("eval_loss"),
+               **{k: result.metrics[f"eval_{k}"] for k in ("accuracy", "f1_macro", "min_recall") if f"eval_{k}" in result.metrics},
                "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id}
     table = Table(title=f"trained -> {result.output_dir}")
     table.add_column("metric")
@@ -733,17 +734,19 @@ def benchmark(
     out.print(f"wrote {json_out}, {json_out.with_suffix('.md')}, {json_out.parent / 'plots' / 'benchmark.png'}")
 
 
+def _wide(renderable) -> None:
+    """Print a table at least 120 columns wide (names are not wrapped on a narrow terminal or in a log)."""
+    Console(width=max(out.width, 120), highlight=False).print(renderable)
+
+
 def _gate_table(g) -> Table:
-    t = Table(title="gate: " + ("[green]passed[/]" if g.passed else "[red]refused[/]"))
-    for col in ("", "candidate", "champion" + (f" v{g.champion['version']} (re-scored)" if g.champion else ""), "required"):
-        t.add_column(col, justify="right" if col else "left")
-    champ = g.champion or {}
-    need = f">= {g.thresholds['accuracy_threshold']:.3f}"
-    if champ:
-        need += f" and >= {champ['score'] + g.thresholds['min_improvement']:.3f}"
-    t.add_row(g.metric, f"{g.candidate['score']:.3f}", f"{champ['score']:.3f}" if champ else "-", need)
-    f1_need = f">= {g.thresholds['f1_threshold']:.3f}" if g.thresholds["f1_threshold"] > 0 else "not checked"
-    t.add_row("f1", f"{g.candidate['f1']:.3f}", f"{champ['f1']:.3f}" if champ else "-", f1_need)
+    """One row per criterion of the gate, all on the same test split: the candidate, what it is compared with, the bar."""
+    t = Table(title="gate: " + ("[green]passed[/]" if g.passed else "[red]refused[/]") + f" ({g.metric} on the test split)")
+    for col in ("criterion", "candidate", "compared with", "required", ""):
+        t.add_column(col, justify="left" if col in ("criterion", "") else "right")
+    for c in g.criteria:
+        t.add_row(c["name"], f"{c['candidate']:.3f}", "-" if c["reference"] is None else f"{c['reference']:.3f}",
+                  f">= {c['required']:.3f}", "[green]ok[/]" if c["passed"] else "[red]fails[/]")
     return t
 
 
@@ -763,7 +766,7 @@ def gate(
     params_file: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Decide whether the candidate may be registered: accuracy/F1 thresholds, and beating the re-scored champion.
+    """Decide whether the candidate may be registered: accuracy/F1 bars, and beating TF-IDF, the base model and the re-scored champion.
 
     Thresholds come from params.yaml `register:`. The decision is logged as an MLflow run (kept for refusals too) and written to reports/gate.json. Exit 0 passed, 3 refused, 2 error.
 
@@ -782,7 +785,7 @@ def gate(
     except _registry_errors() as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    out.print(_gate_table(g))
+    _wide(_gate_table(g))
     for r in g.reasons:
         out.print(f"[red]refused:[/] {r}")
     out.print(f"decision logged to MLflow run {g.run_id}; wrote {json_out}")
@@ -832,7 +835,7 @@ def register(
         json_out.write_text(_json.dumps({"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
                                          "uri": f"models:/{r.name}/{r.version}" if r.version else None}, indent=2) + "\n")
     if r.gate is not None:
-        out.print(_gate_table(r.gate))
+        _wide(_gate_table(r.gate))
     for m in r.messages:
         out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
     if r.version:
@@ -1089,6 +1092,9 @@ def run_pipeline(
         m = json.loads(metrics.read_text())
         if "test_accuracy" in m:
             out.print(f"test accuracy (n={m['test_n']}): base model {m['base_test_accuracy']:.3f} -> fine-tuned {m['test_accuracy']:.3f}")
+        if m.get("accuracy") is not None:
+            out.print(f"validation accuracy of the kept checkpoint: {m['accuracy']:.3f} (macro-F1 {m.get('f1_macro', 0):.3f}); "
+                      f"trained {m.get('train_seconds')} s at {m.get('train_examples_per_s')} examples/s ({m.get('method')})")
     bench = Path("reports/benchmark.json")
     if bench.is_file():
         import json
@@ -1117,7 +1123,7 @@ def run_pipeline(
             err.print(f"[red]registration failed:[/] {e}")
             raise typer.Exit(1)
         if r.gate is not None:
-            out.print(_gate_table(r.gate))
+            _wide(_gate_table(r.gate))
         for m in r.messages:
             out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
         if r.status == "refused":

@@ -64,14 +64,16 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class TrainConfig:
-    method: Literal["qlora", "lora", "full", "prompt_tuning"] = "qlora"
-    """qlora: 4-bit NF4 base + LoRA (default); lora: full-precision base + LoRA; full: every weight; prompt_tuning: soft prompt only."""
+    method: Literal["auto", "qlora", "lora", "full", "prompt_tuning"] = "auto"
+    """qlora: 4-bit NF4 base + LoRA; lora: full-precision base + LoRA; full: every weight; prompt_tuning: soft prompt only;
+    auto (default): qlora on a CUDA GPU (the production path), lora on a CPU (measured faster and no worse there:
+    ftlib.train.resolve_method)."""
     backend: Literal["auto", "transformers", "unsloth"] = "auto"
     """auto: Unsloth when installed and a CUDA GPU is present, else transformers."""
     lora_r: int = 16
     """LoRA rank (course notes: r=16)."""
-    lora_alpha: int = 16
-    """LoRA scaling numerator (course notes: 16)."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator; the update is scaled by alpha/r (course notes: 16; the 135M demo: 32, docs/model-quality.md)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA path (course notes: 0)."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
@@ -82,8 +84,8 @@ class TrainConfig:
     """Weight-decomposed LoRA (DoRA)."""
     num_virtual_tokens: int = 20
     """Soft-prompt length for prompt_tuning."""
-    learning_rate: float = 2e-4
-    """Peak learning rate (course notes: 2e-4; use ~2e-5 for full fine-tuning)."""
+    learning_rate: float = 2e-3
+    """Peak learning rate (the 135M demo on a CPU: 2e-3; course notes, 7-8B QLoRA: 2e-4; ~2e-5 for full fine-tuning of large models)."""
     lr_scheduler_type: str = "linear"
     """linear (course notes) or cosine (slow convergence, notes 8.3)."""
     warmup_steps: int = 5
@@ -98,7 +100,7 @@ class TrainConfig:
     """Passes over train.jsonl (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 = use num_train_epochs."""
-    per_device_train_batch_size: int = 16
+    per_device_train_batch_size: int = 8
     """Micro-batch size; halved automatically on out-of-memory."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; doubled automatically on out-of-memory."""
@@ -111,20 +113,27 @@ class TrainConfig:
     """Positions TRL's fused LM head projects through the vocabulary at once (memory lever: 49k-wide rows)."""
     bf16: Literal["auto", "true", "false"] = "auto"
     """bf16 autocast: auto = on for CUDA with bf16 and CPUs with AMX/AVX512-BF16."""
+    balanced_batches: bool = True
+    """Classification data: every batch holds the labels in their overall proportions (a new stratified
+    shuffle each epoch); takes precedence over group_by_length. Measured: docs/model-quality.md."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding) when packing is not possible."""
     packing: Literal["auto", "true", "false"] = "auto"
     """Padding-free batching: auto = on only with FlashAttention on CUDA, where it is exact."""
-    eval_steps: int = 20
+    eval_steps: int = 33
     """Evaluate on validation.jsonl every N steps (0 = only at the end)."""
-    save_steps: int = 20
+    save_steps: int = 33
     """Write a resumable checkpoint every N steps."""
     save_total_limit: int = 2
     """Checkpoints kept (the best one is always kept when load_best_model_at_end)."""
     early_stopping_patience: int = 3
-    """Stop after N evaluations without eval-loss improvement (0 = off; notes 8.2)."""
+    """Stop after N evaluations without improvement of `metric_for_best_model` (0 = off; notes 8.2)."""
     load_best_model_at_end: bool = True
-    """Keep the checkpoint with the lowest eval loss, not the last one (notes 8.2)."""
+    """Keep the checkpoint with the best `metric_for_best_model`, not the last one (notes 8.2)."""
+    metric_for_best_model: Literal["accuracy", "f1_macro", "min_recall", "loss"] = "accuracy"
+    """Validation metric that picks the checkpoint and stops early. accuracy / f1_macro / min_recall: of the label
+    the model generates on validation.jsonl, as the gate scores the test split (classification data);
+    loss: eval loss over the answer tokens (always used for generation data)."""
     logging_steps: int = 1
     """Log loss, learning rate, throughput and memory every N steps."""
     output_dir: str = "models/adapter"
@@ -152,6 +161,9 @@ class BenchmarkConfig:
     """Tokens generated (EOS suppressed) to measure pure decode speed."""
     max_examples: int = 0
     """Benchmark on the first N test examples only (0 = all)."""
+    latency_examples: int = 24
+    """Latency p50/p95 and examples/s time the first N examples answered one at a time (batch 1; 0 = all);
+    accuracy always covers every benchmarked example, generated in batches."""
     include_base: bool = True
     """Add a row for the base model (before fine-tuning)."""
 
@@ -160,12 +172,17 @@ class BenchmarkConfig:
 class RegisterConfig:
     model_name: str = "ftlib-sentiment"
     """Registered model name in MLflow (`models:/NAME@champion`)."""
-    accuracy_threshold: float = 0.35
+    accuracy_threshold: float = 0.8
     """The gate: test-split accuracy below this is never registered."""
-    f1_threshold: float = 0.0
-    """The gate on weighted F1 (classification) or chrF/100 (generation); 0 = not checked."""
+    f1_threshold: float = 0.8
+    """The gate on macro F1 (classification: every class counts) or chrF/100 (generation); 0 = not checked."""
     min_improvement: float = 0.01
-    """A candidate must beat the champion, re-scored on the same test split, by at least this much accuracy."""
+    """A candidate must beat the champion and the base model, re-scored on the same test split, by at least this much accuracy."""
+    baseline_margin: float | None = 0.05
+    """Classification: a candidate must beat TF-IDF + logistic regression (trained on train.jsonl in a second,
+    scored on the same test split) by at least this much accuracy; null = not checked."""
+    check_base_model: bool = True
+    """The candidate must beat the base model it was fine-tuned from (scored on the same test split) by min_improvement."""
     log_merged: bool = True
     """Also log the merged model (fp16, full size) as a run artifact; the adapter and shippable GGUFs always are."""
 
@@ -245,8 +262,10 @@ def _check(p: Params) -> None:
         raise ConfigError(f"template: must be 'chat' or 'alpaca', got {p.template!r}")
     if p.data.task not in ("classification", "generation", "code"):
         raise ConfigError(f"data.task: must be 'classification', 'generation' or 'code', got {p.data.task!r}")
-    if p.train.method not in ("qlora", "lora", "full", "prompt_tuning"):
-        raise ConfigError(f"train.method: one of qlora, lora, full, prompt_tuning; got {p.train.method!r}")
+    if p.train.method not in ("auto", "qlora", "lora", "full", "prompt_tuning"):
+        raise ConfigError(f"train.method: one of auto, qlora, lora, full, prompt_tuning; got {p.train.method!r}")
+    if p.train.metric_for_best_model not in ("accuracy", "f1_macro", "min_recall", "loss"):
+        raise ConfigError(f"train.metric_for_best_model: accuracy, f1_macro, min_recall or loss; got {p.train.metric_for_best_model!r}")
     if p.train.backend not in ("auto", "transformers", "unsloth"):
         raise ConfigError(f"train.backend: one of auto, transformers, unsloth; got {p.train.backend!r}")
     for name in ("bf16", "packing"):

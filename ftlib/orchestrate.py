@@ -18,7 +18,7 @@ from typing import Any
 TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
     "base_model": ("base_model", {"type": ["null", "string"], "minLength": 1,
                                   "description": "embedded:smollm2-135m-instruct, a hub id (meta-llama/Meta-Llama-3-8B-Instruct) or a local dir"}),
-    "method": ("train.method", {"type": ["null", "string"], "enum": [None, "qlora", "lora", "full", "prompt_tuning"]}),
+    "method": ("train.method", {"type": ["null", "string"], "enum": [None, "auto", "qlora", "lora", "full", "prompt_tuning"]}),
     "lora_r": ("train.lora_r", {"type": ["null", "integer"], "minimum": 1, "maximum": 256}),
     "lora_alpha": ("train.lora_alpha", {"type": ["null", "integer"], "minimum": 1, "maximum": 512}),
     "learning_rate": ("train.learning_rate", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 0.1}),
@@ -196,6 +196,7 @@ def summary(reports: Path, splits: Path) -> dict[str, Any]:
         "gate": "passed" if gate.get("passed") else ("refused" if gate else "not run"),
         "gate_reasons": gate.get("reasons", []),
         "champion_rescored": (gate.get("champion") or {}).get("score"),
+        "tfidf_baseline": (gate.get("baseline") or {}).get("score"), "base_model_rescored": (gate.get("base") or {}).get("score"),
         "registered": reg.get("uri") if reg.get("version") else None,
         "registration": reg.get("status", "not run"),
         "q8_0_decode_ratio": bench.get("ratio"), "shipped_gguf": shipped,

@@ -1,10 +1,13 @@
 """Stage `register`: the accuracy gate, then an MLflow model version with its lineage.
 
-    gate      candidate test-split score (reports/metrics.json) >= register.accuracy_threshold
-              (and >= f1_threshold when set), and, when the registered model has a
-              `champion`, candidate - champion >= min_improvement, the champion being
-              re-scored on the *current* test split. Every decision is an MLflow run
-              (tags ftlib.gate / ftlib.gate.reason) and reports/gate.json.
+    gate      every criterion on the same, current test split (reports/metrics.json is the
+              candidate's): accuracy >= register.accuracy_threshold, F1 (macro for
+              classification) >= f1_threshold; accuracy above a TF-IDF + logistic regression
+              baseline trained on train.jsonl by baseline_margin (classification); above the
+              base model by min_improvement; and, when the registered model has a
+              `champion`, above the re-scored champion by min_improvement. Every decision
+              is an MLflow run (tags ftlib.gate / ftlib.gate.reason) and reports/gate.json,
+              which lists each criterion with both scores and what was required.
     register  only after a passed gate: logs params, metrics, reports, dvc.lock, the
               validation report, a model card, the merged model and the shippable GGUFs
               to that run, logs the adapter as an MLflow pyfunc (ftlib/pyfunc_model.py,
@@ -50,10 +53,13 @@ class Gate:
     metric: str                      # accuracy (classification) or exact_match (generation)
     candidate: dict[str, float]      # {"score": .., "f1": ..}
     champion: dict[str, Any] | None  # {"version": .., "score": .., "f1": ..} re-scored now
-    thresholds: dict[str, float]
+    thresholds: dict[str, float | None]
     key: str
     run_id: str | None = None
     metrics_md5: str = ""            # the metrics.json decided on: a cached decision is reused only for the same file
+    criteria: list[dict[str, Any]] = field(default_factory=list)  # name, candidate, reference, required, passed
+    baseline: dict[str, float] | None = None  # TF-IDF + logistic regression on the same split
+    base: dict[str, float] | None = None      # the base model on the same split
 
 
 @dataclass
@@ -178,9 +184,10 @@ def provenance_problems(metrics: dict[str, Any], adapter: Path, test_file: Path,
 
 
 def primary_metrics(params: Params, metrics: dict[str, Any]) -> dict[str, float]:
-    """{"score", "f1"}: accuracy and weighted F1 for classification, exact match and chrF/100 otherwise."""
+    """{"score", "f1"}: accuracy and macro F1 for classification (a class the model never predicts
+    pulls macro F1 down; weighted F1 hides it), exact match and chrF/100 otherwise."""
     if params.data.task == "classification":
-        return {"score": float(metrics["accuracy"]), "f1": float(metrics["f1"])}
+        return {"score": float(metrics["accuracy"]), "f1": float(metrics["f1_macro"])}
     return {"score": float(metrics["exact_match"]), "f1": float(metrics["chrf"]) / 100}
 
 
@@ -192,31 +199,65 @@ def score_model(model: str, params: Params, test_file: Path) -> dict[str, float]
     return primary_metrics(params, m)
 
 
+def baseline_scores(params: Params, data_dir: Path) -> dict[str, float] | None:
+    """TF-IDF + logistic regression trained on train.jsonl, scored on test.jsonl (classification only)."""
+    if params.data.task != "classification" or not (data_dir / "train.jsonl").is_file():
+        return None
+    from ftlib.benchmark import tfidf_baseline
+
+    b = tfidf_baseline(data_dir / "train.jsonl", data_dir / "test.jsonl", list(params.data.labels))
+    return {"score": b["accuracy"], "f1": b["f1_macro"]}
+
+
 def decide(params: Params, candidate_metrics: dict[str, Any], test_file: Path, key: str,
            rescore: Callable[[str], dict[str, float]] | None = None, adapter: Path | None = None) -> Gate:
-    """Apply the gate. `rescore(models:/ URI)` scores the champion (default: score_model on test_file).
-    With `adapter`, metrics that were not computed on its weights and this test split are refused."""
+    """Apply the gate. `rescore(model)` scores a model (the base model, or the champion as a models:/ URI)
+    on test_file; default: score_model. With `adapter`, metrics that were not computed on its weights and
+    this test split are refused. The TF-IDF baseline trains on train.jsonl next to test_file."""
     cfg = params.register
     metric = "accuracy" if params.data.task == "classification" else "exact_match"
+    f1_name = "f1_macro" if params.data.task == "classification" else "chrf/100"
     cand = primary_metrics(params, candidate_metrics)
+    rescore = rescore or (lambda m: score_model(m, params, test_file))
     reasons = provenance_problems(candidate_metrics, adapter, test_file) if adapter is not None else []
-    if cand["score"] < cfg.accuracy_threshold:
-        reasons.append(f"{metric} {cand['score']:.3f} < accuracy_threshold {cfg.accuracy_threshold:.3f}")
-    if cfg.f1_threshold > 0 and cand["f1"] < cfg.f1_threshold:
-        reasons.append(f"f1 {cand['f1']:.3f} < f1_threshold {cfg.f1_threshold:.3f}")
+    criteria: list[dict[str, Any]] = []
+
+    def check(name: str, value: float, required: float, reference: float | None, why: str) -> None:
+        ok = value >= required - 1e-9
+        criteria.append({"name": name, "candidate": round(value, 4), "reference": None if reference is None else round(reference, 4),
+                         "required": round(required, 4), "passed": ok})
+        if not ok:
+            reasons.append(why)
+
+    check(f"{metric} >= accuracy_threshold", cand["score"], cfg.accuracy_threshold, None,
+          f"{metric} {cand['score']:.3f} < accuracy_threshold {cfg.accuracy_threshold:.3f}")
+    if cfg.f1_threshold > 0:
+        check(f"{f1_name} >= f1_threshold", cand["f1"], cfg.f1_threshold, None,
+              f"{f1_name} {cand['f1']:.3f} < f1_threshold {cfg.f1_threshold:.3f}")
+    baseline = None
+    if cfg.baseline_margin is not None and (baseline := baseline_scores(params, test_file.parent)) is not None:
+        need = baseline["score"] + cfg.baseline_margin
+        check(f"beats TF-IDF baseline by {cfg.baseline_margin:.2f}", cand["score"], need, baseline["score"],
+              f"{metric} {cand['score']:.3f} does not beat the TF-IDF + logistic regression baseline "
+              f"({baseline['score']:.3f}) by baseline_margin {cfg.baseline_margin:.3f}")
+    base = None
+    if cfg.check_base_model:
+        base = rescore(params.base_model)
+        check(f"beats base model by {cfg.min_improvement:.2f}", cand["score"], base["score"] + cfg.min_improvement, base["score"],
+              f"{metric} {cand['score']:.3f} does not beat the base model {params.base_model} "
+              f"({base['score']:.3f}) by min_improvement {cfg.min_improvement:.3f}")
     champ_info = None
     champ = alias_version(client(), cfg.model_name, "champion")
     if champ is not None:
-        uri = f"models:/{cfg.model_name}/{champ.version}"
-        scores = (rescore or (lambda u: score_model(u, params, test_file)))(uri)
+        scores = rescore(f"models:/{cfg.model_name}/{champ.version}")
         champ_info = {"version": str(champ.version), **scores}
-        need = scores["score"] + cfg.min_improvement
-        if cand["score"] < need - 1e-9:
-            reasons.append(f"{metric} {cand['score']:.3f} does not beat champion v{champ.version} "
-                           f"({scores['score']:.3f}) by min_improvement {cfg.min_improvement:.3f}")
+        check(f"beats champion v{champ.version} by {cfg.min_improvement:.2f}", cand["score"], scores["score"] + cfg.min_improvement,
+              scores["score"], f"{metric} {cand['score']:.3f} does not beat champion v{champ.version} "
+              f"({scores['score']:.3f}) by min_improvement {cfg.min_improvement:.3f}")
     return Gate(not reasons, reasons, metric, cand, champ_info,
                 {"accuracy_threshold": cfg.accuracy_threshold, "f1_threshold": cfg.f1_threshold,
-                 "min_improvement": cfg.min_improvement}, key)
+                 "min_improvement": cfg.min_improvement, "baseline_margin": cfg.baseline_margin}, key,
+                criteria=criteria, baseline=baseline, base=base)
 
 
 def _find_run(c: Any, key: str) -> Any | None:
@@ -241,8 +282,9 @@ def log_gate(c: Any, gate: Gate, lineage_tags: dict[str, str]) -> str:
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
     metrics = {f"candidate_{gate.metric}": gate.candidate["score"], "candidate_f1": gate.candidate["f1"]}
-    if gate.champion:
-        metrics |= {f"champion_{gate.metric}": gate.champion["score"], "champion_f1": gate.champion["f1"]}
+    for who, scores in (("champion", gate.champion), ("baseline", gate.baseline), ("base", gate.base)):
+        if scores:
+            metrics |= {f"{who}_{gate.metric}": scores["score"], f"{who}_f1": scores["f1"]}
     ts = int(time.time() * 1000)
     for k, v in metrics.items():
         c.log_metric(run_id, k, v, timestamp=ts)
@@ -329,10 +371,10 @@ def model_card(params: Params, name: str, g: Gate, metrics: dict[str, Any], benc
         ("exact_match", "chrf", "bleu", "rouge_l", "syntax_valid_rate")
     lines += [f"| {k} | {metrics[k]:.3f} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"
               for k in keys if k in metrics]
-    lines += ["", "## Gate", "", f"{'Passed' if g.passed else 'Refused'}: {'; '.join(g.reasons) or 'all rules met'}. "
-              f"Thresholds: {g.thresholds}."]
-    if g.champion:
-        lines.append(f"Champion v{g.champion['version']} re-scored on the same test split: {g.metric} {g.champion['score']:.3f}.")
+    lines += ["", "## Gate", "", f"{'Passed' if g.passed else 'Refused'}: {'; '.join(g.reasons) or 'every criterion met'}. "
+              "All scores on the same test split.", "", "| criterion | candidate | compared with | required | |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {c['name']} | {c['candidate']:.3f} | {'-' if c['reference'] is None else format(c['reference'], '.3f')} | "
+              f">= {c['required']:.3f} | {'ok' if c['passed'] else 'fails'} |" for c in g.criteria]
     lines += ["", "## Variants", ""]
     if benchmark:
         from ftlib.benchmark import markdown

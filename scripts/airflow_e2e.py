@@ -69,7 +69,8 @@ def write_tiny_params(path: Path, base_model: str, model_name: str) -> None:
     params["train"].update(max_steps=2, eval_steps=0, per_device_train_batch_size=4)
     params["quantize"]["variants"] = ["q8_0"]
     params["benchmark"].update(include_base=False, max_examples=3, decode_tokens=4, max_new_tokens=4)
-    params["register"].update(model_name=model_name, accuracy_threshold=0.0, log_merged=False)
+    params["register"].update(model_name=model_name, accuracy_threshold=0.0, f1_threshold=0.0, baseline_margin=None,
+                              check_base_model=False, log_merged=False)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -13,6 +13,9 @@ from ftlib.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["POSITIVO", "NEGATIVO", "NEUTRAL"]
+# The gate's quality criteria (F1 bar, TF-IDF baseline, base model) switched off, for tests of the
+# registry mechanics with tiny random models; tests/test_gate.py exercises the criteria themselves.
+GATE_MECHANICS_ONLY = ["register.f1_threshold=0", "register.baseline_margin=null", "register.check_base_model=false"]
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -67,3 +67,25 @@ def test_benchmark_needs_a_test_split(tmp_path, tiny_adapter, bad):
 
     with pytest.raises(FileNotFoundError, match="test.jsonl"):
         benchmark(load_params(None), tiny_adapter, str(tmp_path), str(tmp_path / bad), str(tmp_path / "b.json"))
+
+
+def test_quality_script_tiny_mode_prints_the_summary(tmp_path):
+    """benchmarks/quality.py end to end in its --tiny mode (a 2-layer random model, 3 steps per seed),
+    so the script cannot rot: per-seed rows, then one JSON object with the keys its issue names."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, make_splits
+
+    data = make_splits(tmp_path / "splits", n_train=12, n_val=3, n_test=6)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--tiny", "--seeds", "1", "2",
+                           "--data-dir", str(data)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("accuracy_mean", "accuracy_min", "f1_macro_mean", "min_class_recall", "tfidf_accuracy",
+                "margin_over_tfidf", "train_seconds_mean", "ratio"):
+        assert key in summary
+    assert summary["accuracy_min"] <= summary["accuracy_mean"] <= 1.0 and summary["tiny"] is True
+    assert summary["margin_over_tfidf"] == pytest.approx(summary["accuracy_mean"] - summary["tfidf_accuracy"], abs=1e-3)
+    assert "ftlib seed 1" in proc.stdout and "ftlib seed 2" in proc.stdout and "tf-idf + logreg" in proc.stdout
+    assert not (REPO / "models" / "checkpoints" / "seed-1").exists()  # everything went to a temp dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import GATE_MECHANICS_ONLY, REPO
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -125,7 +125,7 @@ def test_gate_integrity_shuffled_labels_stale_metrics_and_champion(good_and_shuf
 
     def params(*o: str):
         return load_params(REPO / "params.yaml", [f"base_model={tiny_model}", f"register.model_name={n}",
-                                                  "register.accuracy_threshold=0.5", "register.log_merged=false", *o])
+                                                  "register.accuracy_threshold=0.5", "register.log_merged=false", *GATE_MECHANICS_ONLY, *o])
 
     def scored(model: Path) -> float:
         m = evaluate(str(model), Path("data/splits/test.jsonl"), labels=LABELS, progress=False)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ftlib.cli import app
 from ftlib.config import load_params
-from tests.conftest import LABELS, balanced, train_params, write_jsonl
+from tests.conftest import GATE_MECHANICS_ONLY, LABELS, balanced, train_params, write_jsonl
 from tests.test_dvc import repo, sh  # noqa: F401  (the temp git + DVC project fixture)
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def test_rebuild_from_lineage_in_a_clone(repo: Path, tmp_path, tiny_model, monke
 
     monkeypatch.chdir(repo)
     p = train_params(tiny_model, tmp_path, "train.method=lora", "train.max_steps=2", "register.model_name=lineage-test",
-                     "register.accuracy_threshold=0", "register.log_merged=false")
+                     "register.accuracy_threshold=0", "register.log_merged=false", *GATE_MECHANICS_ONLY)
     train(p, Path("data/splits"), None)
     m = evaluate(p.train.output_dir, "data/splits/test.jsonl", labels=LABELS, progress=False)
     Path("reports").mkdir()

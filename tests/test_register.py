@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ftlib.cli import app
 from ftlib.config import load_params
-from tests.conftest import LABELS, REPO, make_splits
+from tests.conftest import GATE_MECHANICS_ONLY, LABELS, REPO, make_splits
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def work(tmp_path, monkeypatch, scored):
 def reg_params(tiny_model: str, name: str, *overrides: str):
     return load_params(REPO / "params.yaml", [f"base_model={tiny_model}", f"register.model_name={name}",
                                               "register.accuracy_threshold=0", "register.min_improvement=0",
-                                              "register.log_merged=false", *overrides])
+                                              "register.log_merged=false", *GATE_MECHANICS_ONLY, *overrides])
 
 
 def name() -> str:
@@ -330,7 +330,7 @@ def test_gguf_deploy_runtime_pull_and_llama_cpp_server(work, tiny_model, tiny_ad
     quantize(tiny_adapter, work / "models" / "quantized", work / "models" / "merged", ["q8_0"], "float16", progress=lambda m: None)
     n = name()
     r = CliRunner().invoke(app, ["register", "-o", f"base_model={tiny_model}", "-o", f"register.model_name={n}",
-                                 "-o", "register.accuracy_threshold=0", "--adapter", tiny_adapter, "--json", "reports/reg.json"])
+                                 "-o", "register.accuracy_threshold=0", *[a for o in GATE_MECHANICS_ONLY for a in ("-o", o)], "--adapter", tiny_adapter, "--json", "reports/reg.json"])
     assert r.exit_code == 0, r.output
     assert json.loads((work / "reports" / "reg.json").read_text())["uri"] == f"models:/{n}/1"
 
@@ -366,3 +366,64 @@ def test_gguf_deploy_runtime_pull_and_llama_cpp_server(work, tiny_model, tiny_ad
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# The gate's quality criteria (defaults of params.yaml, no thresholds switched off)
+
+@pytest.fixture(scope="module")
+def demo_splits(tmp_path_factory, tokenizer):
+    """The shipped demo data (data/raw), split exactly as the pipeline splits it."""
+    from ftlib.split import split_paths
+
+    out = tmp_path_factory.mktemp("demo") / "splits"
+    split_paths([REPO / "data" / "raw"], load_params(REPO / "params.yaml", ["validate.data_docs=false"]), out, tokenizer)
+    return out
+
+
+def test_default_gate_refuses_a_model_that_only_matches_tfidf(demo_splits, monkeypatch, tmp_path):
+    """The candidate here *is* TF-IDF + logistic regression: its real predictions on the demo test split,
+    scored like `ftlib evaluate` scores a model. The default gate must refuse it."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from ftlib.evaluate import classification_metrics
+    from ftlib.formats import read_examples
+    from ftlib.register import decide
+
+    monkeypatch.chdir(tmp_path)
+    params = load_params(REPO / "params.yaml", [f"register.model_name={name()}", "register.check_base_model=false"])
+
+    def xy(f):
+        ex = read_examples(demo_splits / f)
+        return [" ".join(m["content"] for m in e.prompt_messages) for e in ex], [e.output for e in ex]
+
+    (xtr, ytr), (xte, yte) = xy("train.jsonl"), xy("test.jsonl")
+    clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=2000, C=10.0)).fit(xtr, ytr)
+    metrics = classification_metrics(yte, list(clf.predict(xte)), LABELS)
+    g = decide(params, metrics, demo_splits / "test.jsonl", "k")
+    assert not g.passed
+    baseline = next(c for c in g.criteria if c["name"].startswith("beats TF-IDF"))
+    assert baseline["reference"] == pytest.approx(metrics["accuracy"], abs=1e-4) and not baseline["passed"]
+    assert any("does not beat the TF-IDF + logistic regression baseline" in r for r in g.reasons)
+    # the same figures half a margin better still fail that criterion; a full margin better passes it
+    for extra, ok in ((params.register.baseline_margin / 2, False), (params.register.baseline_margin + 0.01, True)):
+        better = {**metrics, "accuracy": metrics["accuracy"] + extra}
+        crit = next(c for c in decide(params, better, demo_splits / "test.jsonl", "k").criteria if c["name"].startswith("beats TF-IDF"))
+        assert crit["passed"] is ok
+
+
+def test_gate_json_and_table_show_every_criterion(work, tiny_model, tiny_adapter):
+    """Default bars on the tiny model: refused, and gate.json + the CLI table name each criterion with both scores."""
+    n = name()
+    params = ["-o", f"base_model={tiny_model}", "-o", f"register.model_name={n}"]
+    r = CliRunner().invoke(app, ["gate", *params, "--adapter", tiny_adapter])
+    assert r.exit_code == 3, r.output
+    g = json.loads(Path("reports/gate.json").read_text())
+    names = [c["name"] for c in g["criteria"]]
+    assert names[:2] == ["accuracy >= accuracy_threshold", "f1_macro >= f1_threshold"]
+    assert any(x.startswith("beats TF-IDF baseline") for x in names) and any(x.startswith("beats base model") for x in names)
+    assert g["baseline"]["score"] == pytest.approx(next(c for c in g["criteria"] if c["name"].startswith("beats TF-IDF"))["reference"], abs=1e-4)
+    for row in ("accuracy >= accuracy_threshold", "beats TF-IDF baseline", "beats base model"):
+        assert row in r.output

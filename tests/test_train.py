@@ -13,7 +13,7 @@ import pytest
 
 from ftlib.formats import encode_example, read_examples
 from ftlib.train import build_dataset, run_key, train
-from tests.conftest import REPO, alpaca, make_splits, train_params, write_jsonl
+from tests.conftest import LABELS, REPO, alpaca, make_splits, train_params, write_jsonl
 
 
 def losses(result_dir: Path) -> list[float]:
@@ -286,6 +286,48 @@ def test_rerun_after_success_mid_epoch_trains_no_extra_step(tmp_path, tiny_model
     assert first.global_step == again.global_step == 2
     assert all((w1[k] - w2[k]).abs().max() == 0 for k in w1)
     assert first.mlflow_run_id and again.mlflow_run_id == first.mlflow_run_id  # lineage keeps the training run
+    # the rerun trained nothing: it reports the figures of the run that did, never 0 examples/s
+    assert first.examples_per_s and first.examples_per_s > 0
+    assert (again.examples_per_s, again.train_seconds, again.seconds) == (first.examples_per_s, first.train_seconds, first.seconds)
+
+
+def test_rerun_without_recorded_figures_reports_none(tmp_path, tiny_model):
+    """A finished run from before train_stats.json existed: no throughput figure, rather than a false 0.0."""
+    data = make_splits(tmp_path / "s", n_train=8)
+    p = train_params(tiny_model, tmp_path, "train.method=lora", "train.max_steps=2", "train.save_steps=2")
+    first = train(p, data, None)
+    (tmp_path / "ckpt" / first.run_key / "train_stats.json").unlink()
+    again = train(p, data, None)
+    assert again.global_step == 2 and again.examples_per_s is None and again.seconds is None
+
+
+def test_validation_label_metrics_pick_the_checkpoint_and_reach_mlflow(tmp_path, tiny_model):
+    """Every evaluation scores the label the model generates on validation.jsonl (what the gate measures);
+    the best checkpoint is the one with the highest validation accuracy, and the metrics are in MLflow and the CSV."""
+    import mlflow
+
+    from ftlib.evaluate import evaluate
+
+    data = make_splits(tmp_path / "s", n_train=12, n_val=6)
+    p = train_params(tiny_model, tmp_path, "train.method=full", "train.learning_rate=3e-3", "train.max_steps=8",
+                     "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=1", "train.early_stopping_patience=0")
+    result = train(p, data, tmp_path / "reports")
+    history = mlflow.tracking.MlflowClient().get_metric_history(result.mlflow_run_id, "eval_accuracy")
+    per_step = {h.step: h.value for h in history}
+    assert sorted(per_step)[:4] == [2, 4, 6, 8]
+    for m in ("eval_f1_macro", "eval_min_recall"):
+        assert m in mlflow.get_run(result.mlflow_run_id).data.metrics
+    last = max((tmp_path / "ckpt" / result.run_key).glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
+    best_step = int(state["best_model_checkpoint"].rsplit("-", 1)[1])
+    assert state["best_metric"] == pytest.approx(max(per_step[s] for s in (2, 4, 6, 8)))
+    assert per_step[best_step] == max(per_step[s] for s in (2, 4, 6, 8)) and best_step == min(
+        s for s in (2, 4, 6, 8) if per_step[s] == state["best_metric"])  # ties keep the earliest
+    # the saved model is that checkpoint: scoring validation.jsonl as `ftlib evaluate` does gives the same accuracy
+    m = evaluate(p.train.output_dir, data / "validation.jsonl", labels=LABELS, progress=False)
+    assert m["accuracy"] == pytest.approx(state["best_metric"]) == pytest.approx(result.metrics["eval_accuracy"])
+    rows = list(csv.DictReader((tmp_path / "reports" / "train_loss.csv").open()))
+    assert [r["eval_accuracy"] != "" for r in rows if int(r["step"]) in (2, 4, 6, 8)].count(True) == 4
 
 
 @pytest.mark.slow
