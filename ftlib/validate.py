@@ -583,7 +583,10 @@ class _Pass2:
                 col = res.expectation_config.kwargs["column"]
                 for hit in res.result.get("unexpected_index_list") or []:
                     k = int(hit["row"])
-                    found.append((k, Issue(rows[k].file, rows[k].line, rule, message.format(value=hit.get(col)), severity)))
+                    value = hit.get(col)
+                    if isinstance(value, float) and value.is_integer():  # a chunk with a non-string output makes lengths float
+                        value = int(value)
+                    found.append((k, Issue(rows[k].file, rows[k].line, rule, message.format(value=value), severity)))
             if params.data.task == "classification":
                 self.label_counts.update(o for o in df["output"] if isinstance(o, str))
         return found

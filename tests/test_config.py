@@ -15,6 +15,14 @@ def test_repo_params_load_and_match_course_defaults():
     assert p.trust_remote_code is False
 
 
+def test_params_yaml_and_the_dataclass_defaults_agree():
+    """One source of defaults: the shipped params.yaml sets exactly what Params() defaults to,
+    so tests built from either train the same thing."""
+    from ftlib.config import Params, as_dict
+
+    assert as_dict(load_params(REPO / "params.yaml")) == as_dict(Params())
+
+
 def test_overrides_are_typed():
     p = load_params(None, ["split.train=0.7", "split.test=0.2", "validate.duplicates=warning",
                            "data.labels=A,B", "max_seq_length=1024"])

@@ -54,7 +54,7 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
                      "train.output_dir=" + tmp + "/adapter", "train.checkpoint_dir=" + tmp + "/ckpt",
                      "quantize.variants=q8_0,torch-int8", "benchmark.include_base=false", "benchmark.max_examples=3",
                      "benchmark.decode_tokens=4", "benchmark.max_new_tokens=4", "register.model_name=dag-test",
-                     "register.accuracy_threshold=0", "register.log_merged=false", *GATE_MECHANICS_ONLY]
+                     "register.accuracy_threshold=0", "register.log_merged=false", *{GATE_MECHANICS_ONLY!r}]
         refuse = overrides + ["register.accuracy_threshold=1.01", "train.output_dir=" + tmp + "/adapter_refused"]
         for name, raw, o in (("good", {str(good.parent)!r}, overrides), ("bad", {str(bad.parent)!r}, overrides),
                              ("refused", {str(good.parent)!r}, refuse)):

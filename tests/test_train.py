@@ -175,15 +175,26 @@ def test_build_dataset_masks_prompt_tokens(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+def test_method_auto_is_qlora_on_cuda_and_lora_on_a_cpu(tmp_path, tiny_model):
+    """train.method: auto resolves once, and the adapter and the result record what was used."""
+    from ftlib.train import has_cuda
+
+    data = make_splits(tmp_path / "s", n_train=8)
+    p = train_params(tiny_model, tmp_path, "train.max_steps=1")
+    assert p.train.method == "auto"
+    result = train(p, data, None)
+    assert result.method == ("qlora" if has_cuda() else "lora")
+    assert json.loads((Path(p.train.output_dir) / "ftlib_train.json").read_text())["method"] == result.method
+
+
 def test_embedded_model_trains_a_few_qlora_steps(tmp_path):
     from ftlib.generate import generate, user_messages
     from ftlib.models import load_model
 
     data = make_splits(tmp_path / "s", n_train=8, n_val=2)
-    p = train_params("embedded:smollm2-135m-instruct", tmp_path, "train.max_steps=2")
-    assert p.train.method == "qlora"
+    p = train_params("embedded:smollm2-135m-instruct", tmp_path, "train.max_steps=2", "train.method=qlora")
     result = train(p, data, tmp_path / "reports")
-    assert result.global_step == 2 and all(l == l for l in losses(tmp_path))  # finite
+    assert result.method == "qlora" and result.global_step == 2 and all(l == l for l in losses(tmp_path))  # finite
     model, tok = load_model(p.train.output_dir)
     answer = generate(model, tok, [user_messages("Clasifica el sentimiento", "me encanta")], max_new_tokens=8)[0]
     assert answer

@@ -30,7 +30,7 @@ def test_sample_data_is_valid(params, tokenizer):
 
     result = validate_paths([REPO / "data" / "raw"], params, tokenizer=tokenizer)
     assert result.ok, [str(i) for i in result.issues[:5]]
-    assert len(result.rows) >= 600 and result.stats["labels"] == {"POSITIVO": 210, "NEGATIVO": 210, "NEUTRAL": 210}
+    assert len(result.rows) >= 1290 and result.stats["labels"] == {"POSITIVO": 430, "NEGATIVO": 430, "NEUTRAL": 430}
 
 
 def test_generation_sample_sets_are_valid(params, tokenizer):
