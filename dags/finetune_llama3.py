@@ -136,7 +136,7 @@ def _overrides(params: dict) -> list[str]:
         "dvc_cache": Param(True, type="boolean",
                            description="Run the stages as `dvc repro` when paths and params are dvc.yaml's: "
                                        "unchanged data, params and code reuse DVC's cache instead of retraining."),
-        "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z_.]+=.*$"},
+        "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z][a-z0-9_.]*=.*$"},
                            description="Any other params.yaml override, e.g. train.lora_dropout=0.05."),
     },
     tags=["ftlib", "llm", "fine-tuning"],
