@@ -61,7 +61,10 @@ def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path
     moved = []
     now = time.time()
     for f in sorted(landing.glob("*.jsonl")):
-        if not f.is_file() or now - f.stat().st_mtime < settle_s:
+        try:
+            if not f.is_file() or now - f.stat().st_mtime < settle_s:
+                continue
+        except FileNotFoundError:  # another collector moved it between the listing and the stat
             continue
         target = raw / f.name
         if target.exists():
