@@ -259,9 +259,9 @@ def train(
     params_file: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Fine-tune the base model on train.jsonl with TRL's SFTTrainer (QLoRA by default); write models/adapter/.
+    """Fine-tune the base model on train.jsonl with TRL's SFTTrainer (train.method auto: QLoRA on a CUDA GPU, LoRA on a CPU); write models/adapter/.
 
-    Rerunning with the same data and params resumes from the newest checkpoint. Loss is taken on the answers only; evaluation on validation.jsonl every train.eval_steps with early stopping. Params, losses, throughput and memory go to MLflow (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI is set).
+    Rerunning with the same data and params resumes from the newest checkpoint. Loss is taken on the answers only; classification batches hold every label in proportion; every train.eval_steps the model answers validation.jsonl and the best validation accuracy of the generated label picks the checkpoint and drives early stopping. Params, losses, throughput and memory go to MLflow (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI is set).
 
     [b]Examples[/]
 
