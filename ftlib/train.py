@@ -138,11 +138,12 @@ def run_key(params: Params, data_dir: Path) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_dataset(path: Path, tokenizer: Any, params: Params) -> Any:
-    """Pre-tokenized dataset: input_ids, completion_mask (loss on answers only)."""
+def build_dataset(path: Path, tokenizer: Any, params: Params, examples: list[Any] | None = None) -> Any:
+    """Pre-tokenized dataset: input_ids, completion_mask (loss on answers only). `examples`: path already read."""
     from datasets import Dataset
 
-    rows = [encode_example(e, tokenizer, params.template, params.max_seq_length) for e in read_examples(path)]
+    examples = read_examples(path) if examples is None else examples
+    rows = [encode_example(e, tokenizer, params.template, params.max_seq_length) for e in examples]
     return Dataset.from_list(rows) if rows else None
 
 
@@ -621,17 +622,18 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
     reloaded = False
     while True:
         model, tokenizer = load_for_training(params, bf16)
-        train_ds = build_dataset(data_dir / "train.jsonl", tokenizer, params)
+        train_examples = read_examples(data_dir / "train.jsonl")
+        train_ds = build_dataset(data_dir / "train.jsonl", tokenizer, params, train_examples)
         if train_ds is None:
             raise ValueError(f"{data_dir / 'train.jsonl'}: no examples to train on")
         steps = None
         if stratified(params):  # every pass pre-ordered so each batch holds every class; the sampler just reads in order
             n, per_step = len(train_ds), batch * accum
             steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * n / per_step))
-            labels = [e.output.strip() for e in read_examples(data_dir / "train.jsonl")]
+            labels = [e.output.strip() for e in train_examples]
             train_ds = train_ds.select(stratified_order(labels, math.ceil(steps * per_step / n), cfg.seed))
-        eval_ds = build_dataset(data_dir / "validation.jsonl", tokenizer, params)
-        eval_examples = read_examples(data_dir / "validation.jsonl") if eval_ds is not None else []
+        eval_examples = read_examples(data_dir / "validation.jsonl")
+        eval_ds = build_dataset(data_dir / "validation.jsonl", tokenizer, params, eval_examples)
         tracker = Tracker(params, key, data_dir)
         trainer = SFTTrainer(
             model=model, args=sft_config(params, ckpt_dir, batch, accum, bf16, eval_ds is not None, steps),
