@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ftlib-installed
 LLAMA_CPP := 0.3.36
 SDIST  := $(VENV)/share/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 
 .PHONY: venv demo demo-airflow test bench bench-train clean
 
@@ -17,7 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# llama.cpp: the GGUF runtime (llama-cpp-python, compiled from its sdist: ~4 min on 2 cores) and,
 	# from the same sdist, llama.cpp's HF->GGUF converter, so converter and runtime always match.
 	test -f $(SDIST) || $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(dir $(SDIST))
-	$(BIN)/python -m pip install --quiet -c constraints.txt $(SDIST)
+	# Native CPU flags minus AMX: where the kernel does not grant AMX tile state (e.g. Firecracker VMs that
+	# still list `amx` in /proc/cpuinfo), ggml's AMX matmul faults on its first `ldtilecfg` (every Q8_0/Q4_K
+	# prompt of 2+ tokens segfaulted). AVX512/VNNI stay on.
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip install --quiet --no-cache-dir -c constraints.txt $(SDIST)
 	mkdir -p $(VENV)/share/llama.cpp
 	tar -xzf $(SDIST) -C $(VENV)/share/llama.cpp --strip-components=3 llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	  llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
