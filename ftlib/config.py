@@ -78,6 +78,8 @@ class TrainConfig:
     """Dropout on the LoRA path (course notes: 0)."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers that get LoRA adapters (course notes: all attention and MLP projections)."""
+    lora_layers: int = 0
+    """Adapt only the top N decoder layers (0 = every layer). Backward then stops at the lowest adapted layer."""
     use_rslora: bool = False
     """Rank-stabilized LoRA scaling alpha/sqrt(r)."""
     use_dora: bool = False

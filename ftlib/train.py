@@ -241,8 +241,16 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
         peft_config = LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.target_modules), bias="none", use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+            layers_to_transform=top_layers(model.config.num_hidden_layers, cfg.lora_layers),
         )
     return get_peft_model(model, peft_config), tokenizer
+
+
+def top_layers(n_layers: int, top: int) -> list[int] | None:
+    """Indices of the top `top` decoder layers (None = all): the lower layers stay frozen and backward skips them."""
+    if top <= 0 or top >= n_layers:
+        return None
+    return list(range(n_layers - top, n_layers))
 
 
 def _load_unsloth(params: Params, path: str, bf16: bool) -> Any:  # pragma: no cover - needs a CUDA GPU

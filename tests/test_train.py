@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,6 +225,26 @@ def test_gradient_checkpointing_covers_the_first_fraction_of_layers(tiny_model, 
         return [m.gradient_checkpointing for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
 
     assert flags(1.0) == [True, True] and flags(0.5) == [True, False] and flags(0.0) == [False, False]
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_lora_layers_adapts_only_the_top_layers(tiny_model, tmp_path, method):
+    import torch
+
+    from ftlib.train import load_for_training
+
+    def adapted(top: int) -> tuple[set[int], Any]:
+        p = train_params(tiny_model, tmp_path, f"train.method={method}", f"train.lora_layers={top}")
+        model, _ = load_for_training(p, bf16=False)
+        return {int(n.split("layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}, model
+
+    assert adapted(0)[0] == {0, 1} and adapted(5)[0] == {0, 1}  # 0 or more than the model has: every layer
+    layers, model = adapted(1)
+    assert layers == {1}
+    ids = torch.randint(0, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad is not None for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(grads.values()), grads  # every trainable (top-layer) LoRA weight got a gradient
 
 
 def test_compact_lm_head_scores_only_answer_positions_with_the_same_loss(tiny_model, tokenizer):
