@@ -13,7 +13,7 @@ f1_macro_mean, min_class_recall (lowest over classes and seeds), tfidf_accuracy,
 margin_over_tfidf (accuracy_mean - tfidf_accuracy), margin_min_over_tfidf,
 train_seconds_mean and ratio (accuracy_mean / tfidf_accuracy).
 
-    python benchmarks/quality.py                         # 3 seeds, ~25 min on 2 cores
+    python benchmarks/quality.py                         # 3 seeds, ~50 min on 2 cores
     python benchmarks/quality.py --seeds 3407 1 2 3 4
     python benchmarks/quality.py -o train.method=qlora   # compare another configuration
     python benchmarks/quality.py --tiny                  # a 2-layer random model, a few steps (the test's mode)

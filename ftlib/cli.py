@@ -269,6 +269,8 @@ def train(
 
       ftlib train -o train.method=lora -o train.lora_r=32 -o train.use_rslora=true
 
+      ftlib train -o train.lora_layers=0 -o train.num_train_epochs=1   # LoRA on every layer, one epoch
+
       ftlib train -o train.method=full -o train.learning_rate=2e-5
 
       ftlib train -o train.max_steps=60 -o train.lr_scheduler_type=cosine --no-compare

@@ -21,6 +21,8 @@ TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
     "method": ("train.method", {"type": ["null", "string"], "enum": [None, "auto", "qlora", "lora", "full", "prompt_tuning"]}),
     "lora_r": ("train.lora_r", {"type": ["null", "integer"], "minimum": 1, "maximum": 256}),
     "lora_alpha": ("train.lora_alpha", {"type": ["null", "integer"], "minimum": 1, "maximum": 512}),
+    "lora_layers": ("train.lora_layers", {"type": ["null", "integer"], "minimum": 0, "maximum": 1000,
+                                          "description": "LoRA on the top N decoder layers only; 0 = every layer (use 0 for a 7-8B base)"}),
     "learning_rate": ("train.learning_rate", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 0.1}),
     "num_train_epochs": ("train.num_train_epochs", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 100}),
     "max_steps": ("train.max_steps", {"type": ["null", "integer"], "minimum": -1,
