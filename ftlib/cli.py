@@ -982,6 +982,7 @@ def lineage(
         f"  -> MLflow run {mv.run_id} (register); training run {info.get('train.mlflow_run_id', '?')}, step {info.get('train.global_step', '?')}",
         f"    -> params hash {info.get('params.hash', '?')}: base_model {info.get('base_model')} [{info.get('base_model.revision')}], "
         f"method {train.get('method')}, lora_r {train.get('lora_r')}, lora_alpha {train.get('lora_alpha')}, "
+        f"lora_layers {train.get('lora_layers', 0)}, "
         f"lr {train.get('learning_rate')}, epochs {train.get('num_train_epochs')}, seed {train.get('seed')}",
         f"      -> splits (split seed {params.get('split', {}).get('seed')}; dvc.lock {info.get('dvc.lock', '?')})",
         *[f"           {s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}" for s in lin.SPLITS],
