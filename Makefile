@@ -7,8 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ftlib-installed
 LLAMA_CPP := 0.3.36
 SDIST  := $(VENV)/share/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
+# x86-64 only (the flags do not exist for arm64, e.g. Apple Silicon); why: see the llama.cpp step below
+ifeq ($(shell uname -m),x86_64)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
 
 .PHONY: venv demo demo-airflow test bench bench-train clean
 
