@@ -80,7 +80,7 @@ class TrainConfig:
     """Linear layers that get LoRA adapters (course notes: all attention and MLP projections)."""
     lora_layers: int = 15
     """Adapt only the top N decoder layers (0 = every layer); backward then stops at the lowest adapted layer.
-    The 135M demo on a CPU: 15 of 30 (1.2x faster per step, and better after 2 epochs: docs/model-quality.md);
+    The 135M demo on a CPU: 15 of 30 (1.2x faster per step, which buys a 2nd epoch: docs/model-quality.md);
     for a 7-8B base on a GPU use 0, as the course notes do."""
     use_rslora: bool = False
     """Rank-stabilized LoRA scaling alpha/sqrt(r)."""
@@ -270,6 +270,8 @@ def _check(p: Params) -> None:
         raise ConfigError(f"train.method: one of auto, qlora, lora, full, prompt_tuning; got {p.train.method!r}")
     if p.train.metric_for_best_model not in ("accuracy", "f1_macro", "min_recall", "loss"):
         raise ConfigError(f"train.metric_for_best_model: accuracy, f1_macro, min_recall or loss; got {p.train.metric_for_best_model!r}")
+    if p.train.lora_layers < 0:
+        raise ConfigError(f"train.lora_layers: 0 (every layer) or the number of top layers to adapt; got {p.train.lora_layers}")
     if p.train.backend not in ("auto", "transformers", "unsloth"):
         raise ConfigError(f"train.backend: one of auto, transformers, unsloth; got {p.train.backend!r}")
     for name in ("bf16", "packing"):

@@ -268,6 +268,7 @@ def _load_unsloth(params: Params, path: str, bf16: bool) -> Any:  # pragma: no c
             model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.target_modules), bias="none", use_gradient_checkpointing="unsloth",
             random_state=cfg.seed, use_rslora=cfg.use_rslora,
+            layers_to_transform=top_layers(model.config.num_hidden_layers, cfg.lora_layers),
         )
     return model
 

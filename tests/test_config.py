@@ -30,7 +30,8 @@ def test_overrides_are_typed():
     assert p.validate.duplicates == "warning" and p.data.labels == ["A", "B"]
 
 
-@pytest.mark.parametrize("override", ["split.train=0.9", "nope.x=1", "split.nope=1", "validate.duplicates=maybe", "novalue"])
+@pytest.mark.parametrize("override", ["split.train=0.9", "nope.x=1", "split.nope=1", "validate.duplicates=maybe", "novalue",
+                                      "train.lora_layers=-1"])
 def test_bad_overrides_are_refused(override):
     with pytest.raises(ConfigError):
         load_params(None, [override])
