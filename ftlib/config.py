@@ -123,7 +123,15 @@ class TrainConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (less padding) when packing is not possible."""
     packing: Literal["auto", "true", "false"] = "auto"
-    """Padding-free batching: auto = on only with FlashAttention on CUDA, where it is exact."""
+    """Padding-free batches (rows end to end, each attending only to itself; exact with FlashAttention varlen
+    and with SDPA's block-diagonal mask): auto = on a CUDA GPU only, so CPU runs stay as measured."""
+    batch_tokens: str = "auto"
+    """Token budget of one micro-batch with padding-free batches: rows are packed (best-fit decreasing) up to
+    this many tokens, so each step carries thousands of tokens instead of 8 rows (issue 14: a GPU step costs
+    ~0.75 s whatever its size). auto = 16,384 / 8,192 / 4,096 tokens for >= 40 / >= 20 / smaller GB of GPU
+    memory, off on a CPU; 0 = off (per_device_train_batch_size rows); N >= max_seq_length. The learning rate
+    is scaled by sqrt(rows per step / (batch x accumulation)), and warmup/eval/save steps shrink by that
+    ratio so they cover the same rows (ftlib.train.token_budget_plan, docs/gpu-training.md)."""
     eval_steps: int = 33
     """Evaluate on validation.jsonl every N steps (0 = only at the end)."""
     save_steps: int = 33
@@ -272,6 +280,11 @@ def _check(p: Params) -> None:
         raise ConfigError(f"train.metric_for_best_model: accuracy, f1_macro, min_recall or loss; got {p.train.metric_for_best_model!r}")
     if p.train.lora_layers < 0:
         raise ConfigError(f"train.lora_layers: 0 (every layer) or the number of top layers to adapt; got {p.train.lora_layers}")
+    tokens = str(p.train.batch_tokens).strip().lower()
+    if tokens != "auto" and not (tokens.isdigit() and (int(tokens) == 0 or int(tokens) >= p.max_seq_length)):
+        raise ConfigError(f"train.batch_tokens: auto, 0 (off) or a token budget >= max_seq_length ({p.max_seq_length}); "
+                          f"got {p.train.batch_tokens!r}")
+    p.train.batch_tokens = tokens
     if p.train.backend not in ("auto", "transformers", "unsloth"):
         raise ConfigError(f"train.backend: one of auto, transformers, unsloth; got {p.train.backend!r}")
     for name in ("bf16", "packing"):

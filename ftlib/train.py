@@ -22,6 +22,7 @@ decides what to load, how to batch and where to write:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ftlib.config import Params, as_dict
+from ftlib.config import Params, TrainConfig, as_dict
 from ftlib.formats import encode_example, read_examples
 
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
@@ -54,6 +55,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     oom_backoffs: list[dict[str, int]] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    token_budget: dict[str, float] | None = None  # train.batch_tokens in effect (GPU): budget, rows/step, lr, ...
 
 
 # ---------------------------------------------------------------------------
@@ -107,14 +109,82 @@ def use_unsloth(backend: str) -> bool:
 
 
 def use_padding_free(setting: str) -> bool:
-    """Padding-free batches flatten a batch into one sequence; only FlashAttention keeps
-    the examples from attending to each other, so anything else would change the loss."""
+    """Padding-free batches: the rows of a micro-batch are laid end to end in one sequence
+    and position_ids restart at 0 for each. That is exact (each row attends only to itself)
+    with FlashAttention's varlen kernel, and with SDPA/eager too: given position_ids and no
+    attention mask, transformers builds a block-diagonal mask (packed-sequence detection;
+    tests/test_train.py checks the logits match row by row on the pinned version).
+    auto: on a CUDA GPU only, so CPU training stays exactly as measured in docs/model-quality.md."""
+    if setting != "auto":
+        return setting == "true"
+    return has_cuda()
+
+
+def attention_for(padding_free: bool) -> str | None:
+    """FlashAttention-2 when padding-free on CUDA and flash_attn is installed (varlen: linear in tokens);
+    otherwise the model's default (SDPA, whose block-diagonal mask is quadratic in a micro-batch's tokens)."""
     import importlib.util
 
-    exact = has_cuda() and importlib.util.find_spec("flash_attn") is not None
-    if setting == "true" and not exact:
-        raise RuntimeError("train.packing=true needs FlashAttention on CUDA to be exact; use packing: auto")
-    return exact and setting != "false"
+    if padding_free and has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def gpu_memory_gb() -> float | None:
+    if not has_cuda():
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def resolve_batch_tokens(setting: str | int, padding_free: bool, gpu_gb: float | None, max_seq_length: int) -> int:
+    """train.batch_tokens -> token budget of one micro-batch (0 = rows per batch, as on a CPU).
+
+    On a GPU, a step of 8 rows (~600 tokens) costs ~0.75 s whatever the model size (H200:
+    701 tokens/s for an 8B shape, 770 for 135M; issue 14): launch overhead, not math. Filling
+    each micro-batch to a token budget makes every step carry thousands of tokens. auto: only
+    padding-free (else padding, not data, would fill the budget), 16,384 tokens on cards with
+    >= 40 GB, 8,192 on >= 20 GB, else 4,096; never below max_seq_length, so any row fits.
+    The budgets follow activation memory with gradient checkpointing (~0.3 MB per token for
+    an 8B shape), not a measurement: benchmarks/gpu_train.py measures them.
+    """
+    if str(setting) == "auto":
+        if not padding_free or gpu_gb is None:
+            return 0
+        budget = 16384 if gpu_gb >= 40 else 8192 if gpu_gb >= 20 else 4096
+    else:
+        budget = int(setting)
+        if budget and not padding_free:
+            raise ValueError("train.batch_tokens needs padding-free batches (train.packing: true, or auto on a CUDA GPU)")
+    return max(budget, max_seq_length) if budget else 0
+
+
+@dataclass
+class TokenBudgetPlan:
+    """How a token budget changes the optimization, so a run stays comparable to rows-per-step training."""
+
+    budget: int
+    rows_per_step: float  # expected rows in one optimizer step (accumulation x rows per packed micro-batch)
+    scale: float  # rows_per_step / (per_device_train_batch_size x gradient_accumulation_steps)
+    learning_rate: float  # x sqrt(scale): the square-root rule for Adam-type optimizers (Malladi et al., 2022)
+    warmup_steps: int  # same rows warmed up as configured
+    eval_steps: int  # same rows between evaluations / checkpoints as configured
+    save_steps: int
+
+
+def token_budget_plan(lengths: list[int], budget: int, batch: int, accum: int, cfg: TrainConfig) -> TokenBudgetPlan:
+    """Rows per step when micro-batches are packed (best-fit decreasing) up to `budget` tokens."""
+    rows_per_bin = max(1.0, budget / (sum(lengths) / len(lengths)))
+    rows_per_step = min(float(len(lengths)), rows_per_bin * accum)  # ~full bins: best-fit leaves little space
+    scale = max(1.0, rows_per_step / (batch * accum))
+
+    def fewer(steps: int) -> int:
+        return max(1, round(steps / scale)) if steps > 0 else steps
+
+    return TokenBudgetPlan(budget=budget, rows_per_step=rows_per_step, scale=scale,
+                           learning_rate=cfg.learning_rate * math.sqrt(scale), warmup_steps=round(cfg.warmup_steps / scale),
+                           eval_steps=fewer(cfg.eval_steps), save_steps=fewer(cfg.save_steps))
 
 
 # ---------------------------------------------------------------------------
@@ -209,8 +279,9 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
         kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = torch.float32  # master weights in fp32; bf16 autocast does the math
-    if use_padding_free(cfg.packing):
-        kwargs["attn_implementation"] = "flash_attention_2"
+    attention = attention_for(use_padding_free(cfg.packing))
+    if attention:
+        kwargs["attn_implementation"] = attention
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
 
@@ -344,27 +415,31 @@ class LabelMetrics(TrainerCallback):
 
 
 def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: bool, has_eval: bool,
-               max_steps: int | None = None) -> Any:
+               max_steps: int | None = None, plan: TokenBudgetPlan | None = None) -> Any:
+    """TRL's config for this run. With a token-budget `plan` (GPU), each micro-batch is one packed
+    row of up to plan.budget tokens, and lr / warmup / eval / save steps follow the plan."""
     from trl import SFTConfig
 
     cfg = params.train
     cuda = has_cuda()
-    eval_steps = cfg.eval_steps if has_eval and cfg.eval_steps > 0 else None
+    eval_every = plan.eval_steps if plan else cfg.eval_steps
+    eval_steps = eval_every if has_eval and eval_every > 0 else None
     best = bool(eval_steps) and cfg.load_best_model_at_end
+    save_every = plan.save_steps if plan else cfg.save_steps
     # load_best_model_at_end needs a checkpoint at every evaluation
-    save_steps = cfg.save_steps if not best else max(eval_steps, (cfg.save_steps // eval_steps) * eval_steps)
+    save_steps = save_every if not best else max(eval_steps, (save_every // eval_steps) * eval_steps)
     padding_free = use_padding_free(cfg.packing)
     import importlib.util
 
     return SFTConfig(
         output_dir=str(ckpt_dir),
         run_name=f"train-{ckpt_dir.name}",
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=1 if plan else batch,
         per_device_eval_batch_size=batch,
         gradient_accumulation_steps=accum,
-        learning_rate=cfg.learning_rate,
+        learning_rate=plan.learning_rate if plan else cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=plan.warmup_steps if plan else cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
@@ -387,11 +462,16 @@ def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: boo
         use_cpu=not cuda,
         optim="adamw_8bit" if cuda else "adamw_torch",
         use_liger_kernel=cuda and importlib.util.find_spec("liger_kernel") is not None,
-        max_length=params.max_seq_length,
+        max_length=plan.budget if plan else params.max_seq_length,
         completion_only_loss=True,
         padding_free=padding_free,
+        # token budget: best-fit-decreasing bins of whole rows (every row fits: budget >= max_seq_length);
+        # evaluation stays row-batched, so its loss and label metrics are the same as without a budget
+        packing=plan is not None,
+        packing_strategy="bfd",
+        eval_packing=False,
         # stratified batches come pre-ordered (stratified_order); otherwise length-grouped or random
-        train_sampling_strategy="sequential" if stratified(params) else (
+        train_sampling_strategy="sequential" if stratified(params) and not plan else (
             "group_by_length" if cfg.group_by_length and not padding_free else "random"),
         report_to=["mlflow"],
         dataloader_num_workers=0,
@@ -402,8 +482,9 @@ def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: boo
 class Tracker(TrainerCallback):
     """Throughput, peak memory and ftlib params into the MLflow run the Trainer opened."""
 
-    def __init__(self, params: Params, key: str, data_dir: Path):
+    def __init__(self, params: Params, key: str, data_dir: Path, rows_per_step: float | None = None):
         self.params, self.key, self.data_dir = params, key, data_dir
+        self.rows_per_step = rows_per_step  # packed micro-batches (token budget): expected rows, not the batch size
         self.t0 = self.t_last = time.perf_counter()
         self.step_last = 0
         self.run_id: str | None = None
@@ -437,7 +518,7 @@ class Tracker(TrainerCallback):
         steps = state.global_step - self.step_last
         if logs is None or "loss" not in logs or steps <= 0:
             return
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        per_step = self.rows_per_step or args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.train_seconds += now - self.t_last
         metrics = {"examples_per_s": steps * per_step / (now - self.t_last), "peak_rss_mb": peak_rss_mb()}
         if has_cuda():
@@ -603,8 +684,6 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
 
     data_dir = Path(data_dir)
     if params.train.method == "auto":  # decided once, here: the run key, the adapter and MLflow record the method used
-        import dataclasses
-
         method = resolve_method("auto")
         print(f"train.method=auto -> {method} ({'CUDA GPU' if method == 'qlora' else 'no CUDA GPU'})", flush=True)
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, method=method))
@@ -625,6 +704,8 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         os.environ["MLFLOW_RUN_ID"] = run_file.read_text().strip()
     bf16 = use_bf16(cfg.bf16)
     batch, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    budget = resolve_batch_tokens(cfg.batch_tokens, use_padding_free(cfg.packing), gpu_memory_gb(), params.max_seq_length)
+    plan: TokenBudgetPlan | None = None
     backoffs: list[dict[str, int]] = []
     first_resume = last_good_checkpoint(ckpt_dir)
     t0 = time.perf_counter()
@@ -636,16 +717,21 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         if train_ds is None:
             raise ValueError(f"{data_dir / 'train.jsonl'}: no examples to train on")
         steps = None
-        if stratified(params):  # every pass pre-ordered so each batch holds every class; the sampler just reads in order
+        if budget:  # GPU: micro-batches packed to a token budget; big batches hold every class in proportion anyway
+            plan = token_budget_plan([len(ids) for ids in train_ds["input_ids"]], budget, batch, accum, cfg)
+            print(f"token budget {budget} per micro-batch x {accum}: ~{plan.rows_per_step:.0f} rows per step "
+                  f"({plan.scale:.1f}x {batch * accum}), learning rate {plan.learning_rate:.3g} (x sqrt), "
+                  f"eval/save every {plan.eval_steps}/{plan.save_steps} steps", flush=True)
+        elif stratified(params):  # every pass pre-ordered so each batch holds every class; the sampler just reads in order
             n, per_step = len(train_ds), batch * accum
             steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * n / per_step))
             labels = [e.output.strip() for e in train_examples]
             train_ds = train_ds.select(stratified_order(labels, math.ceil(steps * per_step / n), cfg.seed))
         eval_examples = read_examples(data_dir / "validation.jsonl")
         eval_ds = build_dataset(data_dir / "validation.jsonl", tokenizer, params, eval_examples)
-        tracker = Tracker(params, key, data_dir)
+        tracker = Tracker(params, key, data_dir, rows_per_step=plan.rows_per_step if plan else None)
         trainer = SFTTrainer(
-            model=model, args=sft_config(params, ckpt_dir, batch, accum, bf16, eval_ds is not None, steps),
+            model=model, args=sft_config(params, ckpt_dir, batch, accum, bf16, eval_ds is not None, steps, plan),
             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
             callbacks=_callbacks(params, tracker, extra_callbacks or [], eval_examples, tokenizer),
         )
@@ -661,12 +747,21 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
             trainer.train(resume_from_checkpoint=resume)
             break
         except torch.OutOfMemoryError:
-            if batch == 1:
-                raise
-            # Course notes 8.1: smaller micro-batch, more accumulation; the effective batch is unchanged.
-            backoffs.append({"from_batch": batch, "from_accum": accum, "to_batch": batch // 2, "to_accum": accum * 2})
-            print(f"out of memory at batch {batch}: retrying with batch {batch // 2} x accumulation {accum * 2}", flush=True)
-            batch, accum = batch // 2, accum * 2
+            if budget:  # same tokens per step: half the budget, twice the accumulation
+                if budget // 2 < params.max_seq_length:
+                    raise
+                backoffs.append({"from_batch_tokens": budget, "from_accum": accum, "to_batch_tokens": budget // 2,
+                                 "to_accum": accum * 2})
+                print(f"out of memory at {budget} tokens per micro-batch: retrying with {budget // 2} x accumulation "
+                      f"{accum * 2}", flush=True)
+                budget, accum = budget // 2, accum * 2
+            else:
+                if batch == 1:
+                    raise
+                # Course notes 8.1: smaller micro-batch, more accumulation; the effective batch is unchanged.
+                backoffs.append({"from_batch": batch, "from_accum": accum, "to_batch": batch // 2, "to_accum": accum * 2})
+                print(f"out of memory at batch {batch}: retrying with batch {batch // 2} x accumulation {accum * 2}", flush=True)
+                batch, accum = batch // 2, accum * 2
             del trainer, model
             if has_cuda():
                 torch.cuda.empty_cache()
@@ -689,6 +784,8 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         train_examples=len(train_ds), seconds=stats.get("seconds"), train_seconds=stats.get("train_seconds"),
         examples_per_s=stats.get("examples_per_s"), metrics=final_metrics,
         oom_backoffs=backoffs,
+        token_budget=None if plan is None else {k: round(v, 6) if isinstance(v, float) else v
+                                                for k, v in dataclasses.asdict(plan).items()},
         # a finished run loaded from its checkpoint keeps the MLflow run it was trained in
         mlflow_run_id=tracker.run_id or (run_file.read_text().strip() if run_file.is_file() else None),
     )
@@ -724,7 +821,7 @@ def _write_output(trainer: Any, tokenizer: Any, params: Params, result: TrainRes
         "base_model": params.base_model, "method": params.train.method, "template": params.template,
         "max_seq_length": params.max_seq_length, "labels": params.data.labels if params.data.task == "classification" else [],
         "run_key": result.run_key, "global_step": result.global_step, "metrics": result.metrics,
-        "mlflow_run_id": result.mlflow_run_id, "oom_backoffs": result.oom_backoffs,
+        "mlflow_run_id": result.mlflow_run_id, "oom_backoffs": result.oom_backoffs, "token_budget": result.token_budget,
         "data": {f: file_sha256(data_dir / f) for f in SPLIT_FILES[:2]},
         "params": as_dict(params),
         "versions": {p: md.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")},

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from ftlib.formats import encode_example, read_examples
+from ftlib.models import load_tokenizer
 from ftlib.train import build_dataset, run_key, train
 from tests.conftest import LABELS, REPO, alpaca, make_splits, train_params, write_jsonl
 
@@ -372,3 +374,68 @@ def test_a_reset_mlflow_store_leaves_no_dangling_training_run_id(tmp_path, tiny_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh.db'}")
     again = train(p, data, None)
     assert again.global_step == 2 and again.mlflow_run_id is None
+
+
+def test_padding_free_batches_are_exact_with_the_default_attention(tiny_model, tokenizer):
+    """Rows laid end to end with restarting position_ids (TRL's padding-free collator) give each row the
+    logits it gets alone: transformers' packed-sequence mask keeps rows apart, so train.packing is exact
+    without FlashAttention (the GPU token budget relies on this; issue 14)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.config.use_cache = False  # as in training; with a cache transformers does not look for packed rows
+    rows = [{"input_ids": tokenizer(t)["input_ids"]} for t in ("me encanta", "no me gustó nada el final", "normal")]
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows)
+    assert flat["input_ids"].shape[0] == 1 and int(flat["position_ids"][0, 0]) == 0
+    with torch.no_grad():
+        packed = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits[0]
+        offset = 0
+        for r in rows:
+            alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            n = len(r["input_ids"])
+            assert torch.allclose(alone, packed[offset:offset + n], atol=1e-5)
+            offset += n
+
+
+def test_token_budget_is_a_gpu_decision_and_keeps_the_optimization_comparable():
+    from ftlib.config import TrainConfig
+    from ftlib.train import resolve_batch_tokens, token_budget_plan
+
+    # auto: off on a CPU (no GPU memory) or without padding-free; by memory on a GPU; never below a row
+    assert resolve_batch_tokens("auto", padding_free=False, gpu_gb=None, max_seq_length=512) == 0
+    assert resolve_batch_tokens("auto", padding_free=True, gpu_gb=None, max_seq_length=512) == 0
+    assert resolve_batch_tokens("auto", padding_free=True, gpu_gb=141, max_seq_length=512) == 16384
+    assert resolve_batch_tokens("auto", padding_free=True, gpu_gb=24, max_seq_length=512) == 8192
+    assert resolve_batch_tokens("auto", padding_free=True, gpu_gb=16, max_seq_length=8192) == 8192
+    assert resolve_batch_tokens("0", padding_free=True, gpu_gb=141, max_seq_length=512) == 0
+    with pytest.raises(ValueError, match="padding-free"):
+        resolve_batch_tokens("4096", padding_free=False, gpu_gb=None, max_seq_length=512)
+
+    cfg = TrainConfig(learning_rate=2e-4, warmup_steps=5, eval_steps=32, save_steps=64)
+    plan = token_budget_plan([80] * 1000, 8000, batch=8, accum=1, cfg=cfg)  # 100 rows of 80 tokens per bin
+    assert plan.rows_per_step == 100 and plan.scale == 12.5
+    assert plan.learning_rate == pytest.approx(2e-4 * 12.5 ** 0.5)  # square-root rule
+    assert (plan.warmup_steps, plan.eval_steps, plan.save_steps) == (0, 3, 5)  # same rows between them
+    small = token_budget_plan([80] * 10, 8000, batch=8, accum=1, cfg=cfg)  # a bin holds the whole split
+    assert small.rows_per_step == 10
+
+
+def test_token_budget_packs_micro_batches_and_trains(tmp_path, tiny_model):
+    """The GPU path (packed micro-batches up to train.batch_tokens), run on a CPU: it trains, evaluates
+    row-batched, and the adapter records the plan it used."""
+    data = make_splits(tmp_path / "s", n_train=24, n_val=4)
+    p = train_params(tiny_model, tmp_path, "train.method=lora", "train.packing=true", "train.batch_tokens=512",
+                     "train.num_train_epochs=2", "train.eval_steps=1", "train.save_steps=1", "train.learning_rate=5e-3",
+                     "train.early_stopping_patience=0")
+    result = train(p, data, tmp_path / "reports")
+    plan = result.token_budget
+    assert plan["budget"] == 512 and plan["rows_per_step"] > 4 and plan["scale"] > 1
+    assert plan["learning_rate"] == pytest.approx(5e-3 * plan["scale"] ** 0.5, rel=1e-3)
+    # 24 rows of ~57 tokens fill 3 bins of 512: 3 steps per epoch, where rows of 4 would take 6
+    tokens = sum(len(ids) for ids in build_dataset(data / "train.jsonl", load_tokenizer(tiny_model), p)["input_ids"])
+    assert result.global_step == 2 * math.ceil(tokens / 512) < 2 * 24 / 4 and "eval_loss" in result.metrics
+    assert all(l == l for l in losses(tmp_path))
+    info = json.loads((Path(p.train.output_dir) / "ftlib_train.json").read_text())
+    assert info["token_budget"]["budget"] == 512
