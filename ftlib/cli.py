@@ -273,6 +273,8 @@ def train(
 
       ftlib train -o train.method=full -o train.learning_rate=2e-5
 
+      ftlib train -o train.batch_tokens=8192   # GPU: micro-batches packed to 8,192 tokens (0 = 8 rows per batch)
+
       ftlib train -o train.max_steps=60 -o train.lr_scheduler_type=cosine --no-compare
     """
     import json as _json

@@ -8,9 +8,10 @@ decides what to load, how to batch and where to write:
   * supervision: examples are pre-tokenized by ftlib.formats.encode_example into
     input_ids + completion_mask, so the loss falls on the answer only, every answer ends
     with EOS, and the prompt text is the one inference builds;
-  * speed: bf16 autocast where the hardware has it, length-grouped batches (or exact
-    padding-free batches with FlashAttention on CUDA), adamw_8bit and Liger on CUDA,
-    Unsloth when asked for (or `backend: auto` on a GPU where it is installed);
+  * speed: bf16 autocast where the hardware has it; class-balanced batches on a CPU; on
+    CUDA exact padding-free micro-batches packed to a token budget (train.batch_tokens,
+    docs/gpu-training.md), adamw_8bit and Liger; Unsloth when asked for (or
+    `backend: auto` on a GPU where it is installed);
   * resume: checkpoints go to <checkpoint_dir>/<run key>, the key being a hash of the data
     and every parameter that changes what is learned; rerunning the same command resumes
     from the newest checkpoint (an Airflow retry after a killed pod does exactly that);

@@ -89,3 +89,28 @@ def test_quality_script_tiny_mode_prints_the_summary(tmp_path):
     assert summary["margin_over_tfidf"] == pytest.approx(summary["accuracy_mean"] - summary["tfidf_accuracy"], abs=1e-3)
     assert "ftlib seed 1" in proc.stdout and "ftlib seed 2" in proc.stdout and "tf-idf + logreg" in proc.stdout
     assert not (REPO / "models" / "checkpoints" / "seed-1").exists()  # everything went to a temp dir
+
+
+def test_gpu_train_script_runs_its_cpu_mode(tmp_path):
+    """benchmarks/gpu_train.py with no GPU: the tiny shape, both configs in their own processes, the table and
+    the JSON its issue names (the GPU figures themselves need a GPU machine)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, make_splits
+
+    data = make_splits(tmp_path / "splits", n_train=16, n_val=2, n_test=2)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_train.py"), "--data-dir", str(data)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out["device"] != "cpu":
+        pytest.skip("a GPU is present: the script ran the real shapes")
+    row = out["tiny"]
+    for config in ("ftlib", "notes"):
+        r = row[config]
+        assert r["tokens_per_s"] > 0 and r["examples_per_s"] > 0 and r["params"] > 0
+        assert r["peak_gpu_mb"] is None and r["mfu"] is None  # nothing to measure them on a CPU
+    assert row["ratio"] == pytest.approx(row["ftlib"]["tokens_per_s"] / row["notes"]["tokens_per_s"], rel=1e-2)
+    assert row["ftlib"]["token_budget"] is None  # batch_tokens: auto is off on a CPU
+    assert "ftlib/notes" in proc.stdout
