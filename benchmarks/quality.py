@@ -42,7 +42,7 @@ def tiny_model(dest: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftlib.models import load_tokenizer
+    from ftlib.core.models import load_tokenizer
 
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -56,9 +56,9 @@ def tiny_model(dest: Path) -> str:
 
 def one_seed(seed: int, data: Path, work: Path, overrides: list[str]) -> dict:
     """Train with this seed and score test.jsonl (runs in its own process)."""
-    from ftlib.config import load_params
-    from ftlib.evaluate import evaluate
-    from ftlib.train import train
+    from ftlib.core.config import load_params
+    from ftlib.stages.evaluate import evaluate
+    from ftlib.stages.train import train
 
     params = load_params(ROOT / "params.yaml", [*overrides, f"train.seed={seed}", f"train.output_dir={work / 'adapter'}",
                                                 f"train.checkpoint_dir={work / 'ckpt'}"])
@@ -91,8 +91,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ftlib.benchmark import tfidf_baseline
-    from ftlib.config import load_params
+    from ftlib.stages.benchmark import tfidf_baseline
+    from ftlib.core.config import load_params
 
     params = load_params(ROOT / "params.yaml", args.override)
     tfidf = tfidf_baseline(args.data_dir / "train.jsonl", args.data_dir / "test.jsonl", list(params.data.labels))

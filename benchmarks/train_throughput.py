@@ -6,7 +6,7 @@ or `ftlib split`), the same epochs and max length:
   (a) baseline  course notes 4.3 on a CPU: SFTTrainer over alpaca-prompt text + EOS,
                 batch 2 x grad-accum 4, no packing, loss on the full sequence, fp32,
                 LoRA r=16/alpha=16 on all projections, lr 2e-4 linear, warmup 5, wd 0.01, seed 3407.
-  (b) ftlib     `ftlib.train.train` with params.yaml as it is (QLoRA NF4, chat template,
+  (b) ftlib     `ftlib.stages.train.train` with params.yaml as it is (QLoRA NF4, chat template,
                 answer-only loss, bf16 autocast where the CPU has it, batch 8, length-grouped,
                 gradient checkpointing on 3/4 of the layers, LM head over answer tokens only).
 
@@ -53,10 +53,10 @@ def run_baseline(data: Path, epochs: float, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from ftlib.config import load_params
-    from ftlib.formats import ALPACA_PROMPT, alpaca_fields, read_examples
-    from ftlib.generate import classification_accuracy
-    from ftlib.models import load_tokenizer, resolve
+    from ftlib.core.config import load_params
+    from ftlib.core.formats import ALPACA_PROMPT, alpaca_fields, read_examples
+    from ftlib.serving.generate import classification_accuracy
+    from ftlib.core.models import load_tokenizer, resolve
 
     params = load_params(ROOT / "params.yaml")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow-baseline.db'}"  # same instrumentation as (b)
@@ -97,11 +97,11 @@ def run_baseline(data: Path, epochs: float, work: Path) -> dict:
 
 
 def run_ftlib(data: Path, epochs: float, work: Path) -> dict:
-    from ftlib.config import load_params
-    from ftlib.formats import encode_example, read_examples
-    from ftlib.generate import classification_accuracy
-    from ftlib.models import load_model, load_tokenizer
-    from ftlib.train import train
+    from ftlib.core.config import load_params
+    from ftlib.core.formats import encode_example, read_examples
+    from ftlib.serving.generate import classification_accuracy
+    from ftlib.core.models import load_model, load_tokenizer
+    from ftlib.stages.train import train
 
     params = load_params(ROOT / "params.yaml", [f"train.num_train_epochs={epochs}", f"train.output_dir={work / 'adapter'}",
                                                 f"train.checkpoint_dir={work / 'ckpt'}"])
@@ -124,7 +124,7 @@ def footprints() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftlib.models import resolve
+    from ftlib.core.models import resolve
 
     path = resolve("embedded:smollm2-135m-instruct")
     fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).get_memory_footprint()

@@ -4,7 +4,7 @@ Generates N alpaca sentiment examples (default 100,000, each unique: sample revi
 a varied suffix), then in one process:
   baseline  the course notes' `validate_training_data` (section 3.2): json.loads per line,
             checks instruction/output present and output length >= 5. Nothing else.
-  ftlib     `ftlib.validate.validate_paths` with every rule on: JSON/UTF-8/line checks,
+  ftlib     `ftlib.stages.validate.validate_paths` with every rule on: JSON/UTF-8/line checks,
             required fields, types, non-empty, min output length, token length after the
             chat template with the real tokenizer, exact duplicates, contradictions,
             label set, class balance; report.json + quarantine.jsonl + Data Docs written.
@@ -69,8 +69,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ftlib.config import load_params
-    from ftlib.validate import validate_paths
+    from ftlib.core.config import load_params
+    from ftlib.stages.validate import validate_paths
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "bench.jsonl"

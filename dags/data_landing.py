@@ -20,7 +20,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from ftlib.orchestrate import raw_data_asset
+from ftlib.airflow.orchestrate import raw_data_asset
 
 PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
 LANDING_DIR = os.environ.get("FTLIB_LANDING_DIR", str(Path(PROJECT_DIR, "data", "landing")))
@@ -46,7 +46,7 @@ def data_landing():
         """Move finished files; skip (no asset event) when nothing landed."""
         from airflow.exceptions import AirflowSkipException
 
-        from ftlib.orchestrate import collect_landed
+        from ftlib.airflow.orchestrate import collect_landed
 
         moved = collect_landed(Path(landing_dir), Path(raw_dir))
         if not moved:

@@ -15,7 +15,7 @@ calls ftlib directly (the log says why), where a finished training checkpoint of
 data and params is still reused.
 
 executor=local runs train and quantize as subprocesses here; executor=kubernetes runs them
-as pods on a GPU node (ftlib.orchestrate.gpu_pod: nvidia.com/gpu limit, GPU node selector
+as pods on a GPU node (ftlib.airflow.orchestrate.gpu_pod: nvidia.com/gpu limit, GPU node selector
 and toleration, the project PVC, secrets from Kubernetes secrets, non-root).
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from ftlib.orchestrate import TUNABLES, raw_data_asset
+from ftlib.airflow.orchestrate import TUNABLES, raw_data_asset
 
 # The project checkout the tasks work in (the image's working dir in production).
 PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
@@ -73,7 +73,7 @@ def _on_gpu_pod(task_id: str, project_dir: str, params_file: str, overrides: lis
     (paths relative to the PVC workdir)."""
     from airflow.sdk import get_current_context
 
-    from ftlib.orchestrate import gpu_pod
+    from ftlib.airflow.orchestrate import gpu_pod
 
     cli = list(args)
     if args[0] != "dvc":
@@ -85,7 +85,7 @@ def _on_gpu_pod(task_id: str, project_dir: str, params_file: str, overrides: lis
 
 def _dvc_mode(params: dict | None) -> bool:
     """True: run the stages as `dvc repro` (see the module docstring); else say why not."""
-    from ftlib.orchestrate import dvc_reason
+    from ftlib.airflow.orchestrate import dvc_reason
 
     reason = dvc_reason(params or {})
     if reason:
@@ -94,13 +94,13 @@ def _dvc_mode(params: dict | None) -> bool:
 
 
 def _repro(project_dir: str, stage: str) -> None:
-    from ftlib.orchestrate import repro
+    from ftlib.airflow.orchestrate import repro
 
     print(f"dvc repro {stage}: {repro(project_dir, stage, _airflow_ids())}")
 
 
 def _overrides(params: dict) -> list[str]:
-    from ftlib.orchestrate import overrides
+    from ftlib.airflow.orchestrate import overrides
 
     return overrides(params, params.get("overrides"))
 
@@ -150,9 +150,9 @@ def finetune_llama3():
 
         from airflow.exceptions import AirflowFailException
 
-        from ftlib.config import load_params
-        from ftlib.orchestrate import DvcReproError
-        from ftlib.validate import validate_paths
+        from ftlib.core.config import load_params
+        from ftlib.airflow.orchestrate import DvcReproError
+        from ftlib.stages.validate import validate_paths
 
         out = _path(project_dir, validated_dir)
         links = (f"report: {out / 'report.json'}, Data Docs: {out / 'data_docs' / 'index.html'}, "
@@ -177,9 +177,9 @@ def finetune_llama3():
     def split(project_dir: str, params_file: str, raw_dir: str, splits_dir: str, report: str,
               params: dict | None = None) -> dict[str, str]:
         """Stable hash split into train/validation/test, recorded in dvc.lock and pushed to the DVC remote."""
-        from ftlib.config import load_params
-        from ftlib.orchestrate import push
-        from ftlib.split import SPLITS, split_paths
+        from ftlib.core.config import load_params
+        from ftlib.airflow.orchestrate import push
+        from ftlib.stages.split import SPLITS, split_paths
 
         out = _path(project_dir, splits_dir)
         if _dvc_mode(params):
@@ -194,8 +194,8 @@ def finetune_llama3():
     def train(project_dir: str, params_file: str, splits: dict[str, str], reports_dir: str, executor: str, gpus: int,
               params: dict | None = None) -> str:
         """`ftlib train`: a killed or retried attempt resumes from its last checkpoint; a finished one is reused."""
-        from ftlib.config import load_params
-        from ftlib.orchestrate import repro_command
+        from ftlib.core.config import load_params
+        from ftlib.airflow.orchestrate import repro_command
 
         overrides = _overrides(params or {})
         args = ["train", "--no-compare", "--data-dir", _rel(project_dir, Path(splits["train"]).parent),
@@ -215,7 +215,7 @@ def finetune_llama3():
     def quantize_and_benchmark(project_dir: str, params_file: str, adapter: str, splits: dict[str, str], merged_dir: str,
                                quantized_dir: str, reports_dir: str, executor: str, params: dict | None = None) -> str:
         """Every deployable variant (merged, GGUF + Modelfile, bitsandbytes, torch int8), then one comparison table."""
-        from ftlib.orchestrate import repro_command
+        from ftlib.airflow.orchestrate import repro_command
 
         out = _path(project_dir, reports_dir) / "benchmark.json"
         if _dvc_mode(params):
@@ -277,7 +277,7 @@ def finetune_llama3():
     @task(trigger_rule="none_failed")
     def summary(project_dir: str, splits: dict[str, str], reports_dir: str) -> dict:
         """What this run produced and decided (also reports/summary.md): runs whether or not the gate passed."""
-        from ftlib.orchestrate import summary as summarize
+        from ftlib.airflow.orchestrate import summary as summarize
 
         s = summarize(_path(project_dir, reports_dir), Path(splits["test"]).parent)
         for k, v in s.items():

@@ -41,7 +41,7 @@ def make_project(tmp: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftlib.models import load_tokenizer
+    from ftlib.core.models import load_tokenizer
 
     proj = tmp / "project"
     proj.mkdir()

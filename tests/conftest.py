@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ftlib.config import Params, load_params
+from ftlib.core.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["POSITIVO", "NEGATIVO", "NEUTRAL"]
@@ -45,7 +45,7 @@ def balanced(n_per_label: int, start: int = 0) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from ftlib.models import load_tokenizer
+    from ftlib.core.models import load_tokenizer
 
     return load_tokenizer("embedded:smollm2-135m-instruct")
 
@@ -103,7 +103,7 @@ def train_params(model: str, tmp: Path, *overrides: str) -> Params:
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory, tiny_model) -> str:
     """A LoRA adapter trained for a few steps on the tiny model (shared by merge/prune/distill tests)."""
-    from ftlib.train import train
+    from ftlib.stages.train import train
 
     tmp = tmp_path_factory.mktemp("tiny-adapter")
     data = make_splits(tmp / "splits")

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.config import load_params
-from ftlib.formats import iter_lines, read_examples, read_rows
-from ftlib.split import SPLITS
-from ftlib.validate import validate_paths
+from ftlib.core.config import load_params
+from ftlib.core.formats import iter_lines, read_examples, read_rows
+from ftlib.stages.split import SPLITS
+from ftlib.stages.validate import validate_paths
 from tests.conftest import REPO, balanced, write_jsonl
 
 BAD = REPO / "tests" / "data" / "bad"

@@ -5,8 +5,8 @@ import json
 import mlflow
 import pytest
 
-from ftlib.benchmark import benchmark, parity
-from ftlib.quantize import quantize
+from ftlib.stages.benchmark import benchmark, parity
+from ftlib.stages.quantize import quantize
 from tests.conftest import REPO, make_splits
 
 MAX_DROP = {"q8_0": 0.02, "q4_k_m": 0.05, "default": 0.05}
@@ -29,8 +29,8 @@ def test_parity_rule():
 
 
 def test_benchmark_end_to_end_on_the_tiny_model(tiny_model, tiny_adapter, tmp_path):
-    from ftlib.config import load_params
-    from ftlib.models import train_info
+    from ftlib.core.config import load_params
+    from ftlib.core.models import train_info
 
     data = make_splits(tmp_path / "splits", n_test=4)
     quantize(tiny_adapter, tmp_path / "quantized", tmp_path / "merged", ["q8_0", "torch-int8"], progress=lambda m: None)
@@ -63,7 +63,7 @@ def test_benchmark_end_to_end_on_the_tiny_model(tiny_model, tiny_adapter, tmp_pa
 
 @pytest.mark.parametrize("bad", ["nonexistent-dir"])
 def test_benchmark_needs_a_test_split(tmp_path, tiny_adapter, bad):
-    from ftlib.config import load_params
+    from ftlib.core.config import load_params
 
     with pytest.raises(FileNotFoundError, match="test.jsonl"):
         benchmark(load_params(None), tiny_adapter, str(tmp_path), str(tmp_path / bad), str(tmp_path / "b.json"))

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ftlib.config import ConfigError, load_params
+from ftlib.core.config import ConfigError, load_params
 from tests.conftest import REPO
 
 
@@ -18,7 +18,7 @@ def test_repo_params_load_and_match_course_defaults():
 def test_params_yaml_and_the_dataclass_defaults_agree():
     """One source of defaults: the shipped params.yaml sets exactly what Params() defaults to,
     so tests built from either train the same thing."""
-    from ftlib.config import Params, as_dict
+    from ftlib.core.config import Params, as_dict
 
     assert as_dict(load_params(REPO / "params.yaml")) == as_dict(Params())
 

@@ -2,7 +2,7 @@ import json
 import math
 from pathlib import Path
 
-from ftlib.distill import distill
+from ftlib.stages.distill import distill
 from tests.conftest import make_splits, train_params
 
 

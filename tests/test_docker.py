@@ -57,7 +57,7 @@ def test_compose_stack_is_consistent():
 
 
 def test_kubernetes_manifests_match_the_pod_spec():
-    from ftlib.orchestrate import POD_DEFAULTS
+    from ftlib.airflow.orchestrate import POD_DEFAULTS
 
     docs = list(yaml.safe_load_all((DOCKER / "k8s" / "gpu-pool.yaml").read_text()))
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.evaluate import (
+from ftlib.stages.evaluate import (
     classification_metrics,
     evaluate,
     generation_metrics,
@@ -15,7 +15,7 @@ from ftlib.evaluate import (
     lcs_length,
     rouge_l,
 )
-from ftlib.generate import extract_label, user_messages
+from ftlib.serving.generate import extract_label, user_messages
 from tests.conftest import REPO, make_splits, write_jsonl
 
 LABELS = ["POSITIVO", "NEGATIVO", "NEUTRAL"]
@@ -108,7 +108,7 @@ def test_syntax_valid_rate():
 def test_label_logliks_match_a_direct_computation(tiny_model):
     import torch
 
-    from ftlib.generate import answer_ids, load_predictor
+    from ftlib.serving.generate import answer_ids, load_predictor
 
     predictor = load_predictor(tiny_model)
     conv = user_messages("Clasifica el sentimiento", "me encanta")

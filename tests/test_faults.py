@@ -80,7 +80,7 @@ def good_and_shuffled(tmp_path_factory, tiny_model):
     """The same tiny Llama fully fine-tuned on true labels and on shuffled ones (test accuracy 1.0 vs ~chance)."""
     import random
 
-    from ftlib.train import train
+    from ftlib.stages.train import train
     from tests.conftest import balanced, train_params, write_jsonl
 
     root = tmp_path_factory.mktemp("integrity")
@@ -113,10 +113,10 @@ def test_gate_integrity_shuffled_labels_stale_metrics_and_champion(good_and_shuf
 
     from mlflow import MlflowClient
 
-    from ftlib.config import load_params
-    from ftlib.evaluate import evaluate
-    from ftlib.promote import promote
-    from ftlib.register import RegistryError, register
+    from ftlib.core.config import load_params
+    from ftlib.stages.evaluate import evaluate
+    from ftlib.registry.promote import promote
+    from ftlib.registry.register import RegistryError, register
     from tests.conftest import LABELS
 
     root, models = good_and_shuffled
@@ -164,7 +164,7 @@ def test_gate_integrity_shuffled_labels_stale_metrics_and_champion(good_and_shuf
 
 
 def test_replacing_keeps_the_previous_model_when_nothing_or_something_bad_is_written(tmp_path):
-    from ftlib.atomic import replacing
+    from ftlib.core.atomic import replacing
 
     out = tmp_path / "model"
     out.mkdir()
@@ -186,8 +186,8 @@ def test_replacing_keeps_the_previous_model_when_nothing_or_something_bad_is_wri
 
 
 def test_gate_refuses_metrics_it_cannot_tie_to_the_candidate(tmp_path):
-    from ftlib.lineage import md5
-    from ftlib.register import provenance_problems
+    from ftlib.core.lineage import md5
+    from ftlib.registry.register import provenance_problems
 
     test = tmp_path / "test.jsonl"
     test.write_text("{}\n")

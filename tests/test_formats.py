@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ftlib.formats import ALPACA_PROMPT, Example, read_examples, read_rows, render, render_prompt, to_example
+from ftlib.core.formats import ALPACA_PROMPT, Example, read_examples, read_rows, render, render_prompt, to_example
 from tests.conftest import alpaca, write_jsonl
 
 CHAT = {"messages": [
@@ -99,7 +99,7 @@ def test_alpaca_template_refuses_multi_turn_chat(tokenizer):
 
 
 def to_example_from(obj):
-    from ftlib.formats import Row, detect_format
+    from ftlib.core.formats import Row, detect_format
 
     ex = to_example(Row("mem.jsonl", 1, obj, detect_format(obj)))
     assert ex is not None
@@ -108,7 +108,7 @@ def to_example_from(obj):
 
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_batch_render_equals_render_on_all_sample_sets(tokenizer, template):
-    from ftlib.formats import render_texts
+    from ftlib.core.formats import render_texts
     from tests.conftest import REPO
 
     for name in ("raw/sentiment.jsonl", "samples/support_chat.jsonl", "samples/python_code.jsonl"):

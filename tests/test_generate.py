@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.generate import extract_label, generate, user_messages
+from ftlib.serving.generate import extract_label, generate, user_messages
 from tests.conftest import alpaca, train_params, write_jsonl
 
 LABELS = ["POSITIVO", "NEGATIVO", "NEUTRAL"]
@@ -22,7 +22,7 @@ def test_extract_label(text, label):
 @pytest.fixture(scope="module")
 def parrot(tmp_path_factory, tiny_model):
     """The tiny model fully fine-tuned until it answers one prompt with one label and stops."""
-    from ftlib.train import train
+    from ftlib.stages.train import train
 
     tmp = tmp_path_factory.mktemp("parrot")
     rows = [alpaca("una reseña cualquiera", "POSITIVO")] * 4
@@ -35,7 +35,7 @@ def parrot(tmp_path_factory, tiny_model):
 
 
 def test_generation_stops_at_eos(parrot):
-    from ftlib.models import load_model
+    from ftlib.core.models import load_model
 
     model, tok = load_model(parrot)
     out = generate(model, tok, [user_messages("Clasifica el sentimiento", "una reseña cualquiera")], max_new_tokens=30)
@@ -43,7 +43,7 @@ def test_generation_stops_at_eos(parrot):
 
 
 def test_batched_left_padded_generation_matches_one_by_one(parrot):
-    from ftlib.models import load_model
+    from ftlib.core.models import load_model
 
     model, tok = load_model(parrot)
     prompts = [user_messages("Clasifica el sentimiento", t) for t in ("una reseña cualquiera", "otra mucho más larga " * 5, "x")]
@@ -62,7 +62,7 @@ def test_generate_cli(parrot):
 def test_decode_rate_is_the_marginal_speed_and_none_when_unmeasurable():
     import time as _time
 
-    from ftlib.generate import decode_rate
+    from ftlib.serving.generate import decode_rate
 
     calls = []
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.config import load_params
+from ftlib.core.config import load_params
 from tests.conftest import GATE_MECHANICS_ONLY, LABELS, balanced, train_params, write_jsonl
 from tests.test_dvc import repo, sh  # noqa: F401  (the temp git + DVC project fixture)
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_rebuild_from_lineage_in_a_clone(repo: Path, tmp_path, tiny_model, monkeypatch):  # noqa: F811
-    from ftlib.evaluate import evaluate
-    from ftlib.register import register
-    from ftlib.train import train
+    from ftlib.stages.evaluate import evaluate
+    from ftlib.registry.register import register
+    from ftlib.stages.train import train
 
     sh(repo, "dvc", "repro", "split")
     sh(repo, "git", "add", "-A")
@@ -64,9 +64,9 @@ def test_rebuild_from_lineage_in_a_clone(repo: Path, tmp_path, tiny_model, monke
 
 
 def test_same_data_params_seed_same_splits_and_model(tmp_path, tiny_model):
-    from ftlib.evaluate import evaluate
-    from ftlib.split import split_paths
-    from ftlib.train import train
+    from ftlib.stages.evaluate import evaluate
+    from ftlib.stages.split import split_paths
+    from ftlib.stages.train import train
 
     raw = write_jsonl(tmp_path / "raw" / "reviews.jsonl", balanced(12))
     params = load_params(None, ["validate.data_docs=false"])

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from ftlib.merge import merge_adapter
-from ftlib.models import load_model
+from ftlib.stages.merge import merge_adapter
+from ftlib.core.models import load_model
 
 
 def test_merged_model_computes_what_base_plus_adapter_computes(tmp_path, tiny_adapter):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ftlib.models import ModelError, embedded_dir, load_model, resolve
+from ftlib.core.models import ModelError, embedded_dir, load_model, resolve
 
 
 def test_embedded_resolves_to_a_cached_safetensors_dir():
@@ -29,7 +29,7 @@ def test_bad_model_strings_explain_themselves(tmp_path):
 def test_embedded_model_generates_an_answer_that_ends_at_eos():
     import torch
 
-    from ftlib.formats import render_prompt
+    from ftlib.core.formats import render_prompt
 
     model, tok = load_model("embedded:smollm2-135m-instruct")
     assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
@@ -44,8 +44,8 @@ def test_embedded_model_generates_an_answer_that_ends_at_eos():
 
 
 def test_light_tokenizer_counts_and_renders_like_the_full_one():
-    from ftlib.formats import read_examples, render_texts
-    from ftlib.models import load_tokenizer
+    from ftlib.core.formats import read_examples, render_texts
+    from ftlib.core.models import load_tokenizer
     from tests.conftest import REPO
 
     full, light = load_tokenizer("embedded:smollm2-135m-instruct"), load_tokenizer("embedded:smollm2-135m-instruct", light=True)

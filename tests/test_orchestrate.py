@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ftlib.orchestrate import TUNABLES, collect_landed, gpu_pod, overrides, pod_command
+from ftlib.airflow.orchestrate import TUNABLES, collect_landed, gpu_pod, overrides, pod_command
 from tests.conftest import REPO
 from tests.test_dvc import repo  # noqa: F401  (the temp git + DVC project fixture)
 
@@ -20,7 +20,7 @@ def test_only_set_params_become_overrides():
     conf = dict.fromkeys(TUNABLES) | {"lora_r": 8, "learning_rate": 5e-5, "method": "lora"}
     assert overrides(conf, ["train.lora_dropout=0.05"]) == [
         "train.method=lora", "train.lora_r=8", "train.learning_rate=5e-05", "train.lora_dropout=0.05"]
-    from ftlib.config import load_params
+    from ftlib.core.config import load_params
 
     p = load_params(REPO / "params.yaml", overrides(conf))
     assert (p.train.method, p.train.lora_r, p.train.learning_rate) == ("lora", 8, 5e-5)
@@ -106,7 +106,7 @@ print(json.dumps({n: [l.get_link(None, ti_key=key), l.get_link(None, ti_key=othe
 
 
 def test_dvc_reason_only_when_dvc_sees_the_whole_run(repo, tmp_path):  # noqa: F811
-    from ftlib.orchestrate import DVC_PATHS, dvc_reason
+    from ftlib.airflow.orchestrate import DVC_PATHS, dvc_reason
 
     conf = {"project_dir": str(repo), "dvc_cache": True, "overrides": [], "gpus": 1, **DVC_PATHS,
             **dict.fromkeys(TUNABLES)}
@@ -121,7 +121,7 @@ def test_dvc_reason_only_when_dvc_sees_the_whole_run(repo, tmp_path):  # noqa: F
 
 
 def test_repro_and_push_to_the_dvc_remote_and_fail_clearly_when_unreachable(repo, tmp_path):  # noqa: F811
-    from ftlib.orchestrate import DvcPushError, push, repro
+    from ftlib.airflow.orchestrate import DvcPushError, push, repro
     from tests.test_dvc import sh as run
 
     remote = tmp_path / "remote"

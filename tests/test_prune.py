@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ftlib.models import load_model
-from ftlib.prune import prune_model
+from ftlib.core.models import load_model
+from ftlib.stages.prune import prune_model
 
 
 def test_prune_zeroes_the_requested_share_and_saves_a_loadable_model(tmp_path, tiny_adapter):

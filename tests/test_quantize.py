@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ftlib.generate import load_predictor, user_messages
-from ftlib.quantize import ALL_VARIANTS, QuantizeError, modelfile, quantize
+from ftlib.serving.generate import load_predictor, user_messages
+from ftlib.stages.quantize import ALL_VARIANTS, QuantizeError, modelfile, quantize
 
 CONV = user_messages("Clasifica el sentimiento", "me encanta")
 
@@ -64,7 +64,7 @@ def test_gguf_greedy_matches_transformers_on_f16(variants):
     """Same prompt text, same argmax rule: llama.cpp f16 and transformers agree on the first tokens."""
     code = f"""
 import json, torch
-from ftlib.generate import load_predictor, user_messages
+from ftlib.serving.generate import load_predictor, user_messages
 conv = user_messages("Clasifica el sentimiento", "me encanta")
 hf = load_predictor({variants['merged']['path']!r}, dtype="float32").generate([conv], max_new_tokens=3)[0].text
 gg = load_predictor({variants['gguf-f16']['path']!r}).generate([conv], max_new_tokens=3)[0].text

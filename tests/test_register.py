@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.config import load_params
+from ftlib.core.config import load_params
 from tests.conftest import GATE_MECHANICS_ONLY, LABELS, REPO, make_splits
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny_adapter):
     """Splits + the tiny adapter's real test-split metrics (reports/metrics.json), made once."""
-    from ftlib.evaluate import evaluate
+    from ftlib.stages.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("scored")
     data = make_splits(root / "data" / "splits")
@@ -65,14 +65,14 @@ def versions_of(model_name: str) -> list:
 def runs_with_key(key: str) -> list:
     from mlflow import MlflowClient
 
-    from ftlib.register import KEY_TAG, _experiment_id
+    from ftlib.registry.register import KEY_TAG, _experiment_id
 
     c = MlflowClient()
     return c.search_runs([_experiment_id(c)], filter_string=f"tags.`{KEY_TAG}` = '{key}'")
 
 
 def test_gate_refusal_is_logged_never_registered(work, tiny_model, tiny_adapter):
-    from ftlib.register import register
+    from ftlib.registry.register import register
 
     n = name()
     r = register(reg_params(tiny_model, n, "register.accuracy_threshold=1.01"), Path(tiny_adapter))
@@ -89,7 +89,7 @@ def test_gate_refusal_is_logged_never_registered(work, tiny_model, tiny_adapter)
 def test_register_once_pyfunc_answers_and_card(work, tiny_model, tiny_adapter):
     import mlflow
 
-    from ftlib.register import register
+    from ftlib.registry.register import register
 
     n = name()
     p = reg_params(tiny_model, n)
@@ -117,7 +117,7 @@ def test_register_once_pyfunc_answers_and_card(work, tiny_model, tiny_adapter):
 def test_interrupted_attempts_finish_on_rerun(work, tiny_model, tiny_adapter, monkeypatch):
     import mlflow
 
-    import ftlib.register as reg
+    import ftlib.registry.register as reg
 
     n = name()
     p = reg_params(tiny_model, n)
@@ -149,8 +149,8 @@ def test_interrupted_attempts_finish_on_rerun(work, tiny_model, tiny_adapter, mo
 def test_champion_is_rescored_promotion_and_rollback(work, tiny_model, tiny_adapter):
     from mlflow import MlflowClient
 
-    from ftlib.promote import promote, rollback, versions
-    from ftlib.register import RegistryError, register
+    from ftlib.registry.promote import promote, rollback, versions
+    from ftlib.registry.register import RegistryError, register
 
     c, n = MlflowClient(), name()
     v1 = register(reg_params(tiny_model, n), Path(tiny_adapter))
@@ -193,8 +193,8 @@ def test_champion_is_rescored_promotion_and_rollback(work, tiny_model, tiny_adap
 def test_forced_version_needs_force_to_promote(work, tiny_model, tiny_adapter):
     from mlflow import MlflowClient
 
-    from ftlib.promote import promote
-    from ftlib.register import RegistryError, register
+    from ftlib.registry.promote import promote
+    from ftlib.registry.register import RegistryError, register
 
     c, n = MlflowClient(), name()
     p = reg_params(tiny_model, n, "register.accuracy_threshold=1.01")
@@ -245,7 +245,7 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
 
 def test_unreachable_server_then_real_server(work, tiny_model, tiny_adapter, tmp_path, monkeypatch):
     """Server down: a clear error at once and nothing written; the same command succeeds once it is up."""
-    from ftlib.register import RegistryError, register
+    from ftlib.registry.register import RegistryError, register
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -279,8 +279,8 @@ def test_unreachable_server_then_real_server(work, tiny_model, tiny_adapter, tmp
 def test_serve_answers_with_a_label_and_follows_the_alias(work, tiny_model, tiny_adapter):
     from mlflow import MlflowClient
 
-    from ftlib.promote import promote, rollback
-    from ftlib.register import register
+    from ftlib.registry.promote import promote, rollback
+    from ftlib.registry.register import register
 
     c, n = MlflowClient(), name()
     register(reg_params(tiny_model, n), Path(tiny_adapter))
@@ -325,7 +325,7 @@ def test_serve_answers_with_a_label_and_follows_the_alias(work, tiny_model, tiny
 def test_gguf_deploy_runtime_pull_and_llama_cpp_server(work, tiny_model, tiny_adapter, tmp_path):
     """The shipped GGUF: served by `ftlib serve --runtime llama.cpp`, pulled with its Modelfile,
     and answered by llama.cpp's own OpenAI-compatible server (llama-cpp-python[server])."""
-    from ftlib.quantize import quantize
+    from ftlib.stages.quantize import quantize
 
     quantize(tiny_adapter, work / "models" / "quantized", work / "models" / "merged", ["q8_0"], "float16", progress=lambda m: None)
     n = name()
@@ -374,7 +374,7 @@ def test_gguf_deploy_runtime_pull_and_llama_cpp_server(work, tiny_model, tiny_ad
 @pytest.fixture(scope="module")
 def demo_splits(tmp_path_factory, tokenizer):
     """The shipped demo data (data/raw), split exactly as the pipeline splits it."""
-    from ftlib.split import split_paths
+    from ftlib.stages.split import split_paths
 
     out = tmp_path_factory.mktemp("demo") / "splits"
     split_paths([REPO / "data" / "raw"], load_params(REPO / "params.yaml", ["validate.data_docs=false"]), out, tokenizer)
@@ -388,9 +388,9 @@ def test_default_gate_refuses_a_model_that_only_matches_tfidf(demo_splits, monke
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    from ftlib.evaluate import classification_metrics
-    from ftlib.formats import read_examples
-    from ftlib.register import decide
+    from ftlib.stages.evaluate import classification_metrics
+    from ftlib.core.formats import read_examples
+    from ftlib.registry.register import decide
 
     monkeypatch.chdir(tmp_path)
     params = load_params(REPO / "params.yaml", [f"register.model_name={name()}", "register.check_base_model=false"])

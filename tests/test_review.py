@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.review import COLUMNS, SheetError, check_sheet, export_sheet, import_sheet
+from ftlib.stages.review import COLUMNS, SheetError, check_sheet, export_sheet, import_sheet
 from tests.conftest import REPO, make_splits
 
 LABELS = ["POSITIVO", "NEGATIVO", "NEUTRAL"]

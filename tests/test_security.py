@@ -21,8 +21,8 @@ import yaml
 from typer.testing import CliRunner
 
 from ftlib.cli import app
-from ftlib.config import Params, load_params
-from ftlib.security import UnsafeModel, allowed_roots, check_chat_template, confine
+from ftlib.core.config import Params, load_params
+from ftlib.core.security import UnsafeModel, allowed_roots, check_chat_template, confine
 from tests.conftest import REPO, balanced, make_splits, train_params, write_jsonl
 
 runner = CliRunner()
@@ -70,8 +70,8 @@ def test_trust_remote_code_is_off_by_default():
 
 
 def test_custom_model_code_never_runs_through_ftlib(tmp_path, tokenizer):
-    from ftlib.models import load_model, load_tokenizer
-    from ftlib.train import train
+    from ftlib.core.models import load_model, load_tokenizer
+    from ftlib.stages.train import train
 
     marker = tmp_path / "MARKER"
     evil = _evil_model(tmp_path / "evil", tokenizer, marker)
@@ -91,7 +91,7 @@ def test_custom_model_code_runs_when_trusted(tmp_path, tokenizer):
     """The other side: the same directory does run its code with trust_remote_code=True (so the test above is not vacuous)."""
     marker = tmp_path / "MARKER"
     evil = _evil_model(tmp_path / "evil", tokenizer, marker)
-    code = f"from ftlib.models import load_model; m, _ = load_model({str(evil)!r}, trust_remote_code=True); print(type(m).__name__)"
+    code = f"from ftlib.core.models import load_model; m, _ = load_model({str(evil)!r}, trust_remote_code=True); print(type(m).__name__)"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -111,7 +111,7 @@ def pickle_model(tmp_path_factory, tokenizer) -> str:
 def test_pickle_only_model_is_refused_unless_allowed(pickle_model):
     import torch
 
-    from ftlib.models import load_model
+    from ftlib.core.models import load_model
 
     assert Params().allow_pickle_weights is False and load_params(REPO / "params.yaml").allow_pickle_weights is False
     with pytest.raises(UnsafeModel, match=r"pytorch_model\.bin: pickle weights .*allow_pickle_weights: true"):
@@ -122,7 +122,7 @@ def test_pickle_only_model_is_refused_unless_allowed(pickle_model):
 
 
 def test_train_and_merge_on_a_pickle_base_need_the_param(pickle_model, tmp_path):
-    from ftlib.train import train
+    from ftlib.stages.train import train
 
     data = make_splits(tmp_path / "splits")
     p = train_params(pickle_model, tmp_path, "train.method=lora", "train.max_steps=1")
@@ -143,7 +143,7 @@ def test_pickle_adapter_is_refused_unless_allowed(tiny_adapter, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from ftlib.models import load_model
+    from ftlib.core.models import load_model
 
     adapter = Path(shutil.copytree(tiny_adapter, tmp_path / "adapter"))
     weights = load_file(adapter / "adapter_model.safetensors")
@@ -169,7 +169,7 @@ class _RunsCode:
 def test_an_allowed_pickle_still_cannot_run_code(tmp_path, tiny_model):
     import torch
 
-    from ftlib.models import load_model
+    from ftlib.core.models import load_model
 
     marker, model = tmp_path / "MARKER", tmp_path / "model"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -189,7 +189,7 @@ def test_ftlib_never_calls_torch_load_without_weights_only():
 # 3. Data and model paths stay inside the allowed roots
 
 def test_default_roots_are_project_cache_and_temp():
-    from ftlib.models import cache_dir
+    from ftlib.core.models import cache_dir
 
     roots = allowed_roots()
     assert roots[:3] == [Path.cwd().resolve(), cache_dir().resolve(), Path(tempfile.gettempdir()).resolve()]
@@ -292,7 +292,7 @@ def test_ftlib_renders_templates_only_in_the_sandbox(tokenizer):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    # ftlib renders through transformers (ftlib.formats) and, for GGUF, llama-cpp-python: both sandboxed
+    # ftlib renders through transformers (ftlib.core.formats) and, for GGUF, llama-cpp-python: both sandboxed
     assert isinstance(_compile_jinja_template(tokenizer.chat_template).environment, ImmutableSandboxedEnvironment)
     assert isinstance(Jinja2ChatFormatter(tokenizer.chat_template, "</s>", "<s>")._environment.environment,
                       ImmutableSandboxedEnvironment)
@@ -316,7 +316,7 @@ def _evil_tokenizer(path: Path, tokenizer) -> Path:
 
 
 def test_tokenizer_with_an_escaping_template_is_refused(tmp_path, tokenizer):
-    from ftlib.models import load_tokenizer
+    from ftlib.core.models import load_tokenizer
 
     source = _evil_tokenizer(tmp_path / "tok", tokenizer)
     for light in (False, True):
@@ -328,7 +328,7 @@ def test_tokenizer_with_an_escaping_template_is_refused(tmp_path, tokenizer):
 
 
 def test_quantize_refuses_the_template_before_embedding_it(tmp_path, tiny_model, tokenizer):
-    from ftlib.quantize import quantize
+    from ftlib.stages.quantize import quantize
 
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
     _evil_tokenizer(model, tokenizer)
@@ -340,7 +340,7 @@ def test_quantize_refuses_the_template_before_embedding_it(tmp_path, tiny_model,
 @pytest.mark.slow
 def test_a_gguf_file_with_an_escaping_template_is_refused(tmp_path):
     """A foreign GGUF (no tokenizer beside it): its tokenizer.chat_template metadata is checked."""
-    from ftlib.models import _gguf_path, gguf_tokenizer
+    from ftlib.core.models import _gguf_path, gguf_tokenizer
 
     (tmp_path / "evil.jinja").write_text(ESCAPES["hidden branch"])
     evil = tmp_path / "evil.gguf"

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ftlib.config import load_params
-from ftlib.split import SPLITS, InvalidData, assign, split_paths
-from ftlib.validate import prompt_key
+from ftlib.core.config import load_params
+from ftlib.stages.split import SPLITS, InvalidData, assign, split_paths
+from ftlib.stages.validate import prompt_key
 from tests.conftest import LABELS, alpaca, balanced, write_jsonl
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from ftlib.formats import encode_example, read_examples
-from ftlib.models import load_tokenizer
-from ftlib.train import build_dataset, run_key, train
+from ftlib.core.formats import encode_example, read_examples
+from ftlib.core.models import load_tokenizer
+from ftlib.stages.train import build_dataset, run_key, train
 from tests.conftest import LABELS, REPO, alpaca, make_splits, train_params, write_jsonl
 
 
@@ -53,8 +53,8 @@ def test_loss_is_on_the_answer_only_and_ends_with_eos(tmp_path, tokenizer, tiny_
     """The labels TRL's SFTTrainer actually trains on: only 'NEGATIVO<|im_end|>' is supervised."""
     from trl import SFTTrainer
 
-    from ftlib.formats import render_prompt
-    from ftlib.train import load_for_training, sft_config
+    from ftlib.core.formats import render_prompt
+    from ftlib.stages.train import load_for_training, sft_config
 
     src = REPO / "data" / "raw" / "sentiment.jsonl"
     ex = read_examples(src)[0]
@@ -167,7 +167,7 @@ def test_sigkill_midway_then_rerun_resumes_and_finishes(tmp_path, tiny_model):
 
 
 def test_build_dataset_masks_prompt_tokens(tmp_path, tokenizer):
-    from ftlib.config import load_params
+    from ftlib.core.config import load_params
 
     f = write_jsonl(tmp_path / "t.jsonl", [alpaca("hola que tal", "POSITIVO")])
     ds = build_dataset(f, tokenizer, load_params(None))
@@ -180,7 +180,7 @@ def test_build_dataset_masks_prompt_tokens(tmp_path, tokenizer):
 @pytest.mark.slow
 def test_method_auto_is_qlora_on_cuda_and_lora_on_a_cpu(tmp_path, tiny_model):
     """train.method: auto resolves once, and the adapter and the result record what was used."""
-    from ftlib.train import has_cuda
+    from ftlib.stages.train import has_cuda
 
     data = make_splits(tmp_path / "s", n_train=8)
     p = train_params(tiny_model, tmp_path, "train.max_steps=1")
@@ -191,8 +191,8 @@ def test_method_auto_is_qlora_on_cuda_and_lora_on_a_cpu(tmp_path, tiny_model):
 
 
 def test_embedded_model_trains_a_few_qlora_steps(tmp_path):
-    from ftlib.generate import generate, user_messages
-    from ftlib.models import load_model
+    from ftlib.serving.generate import generate, user_messages
+    from ftlib.core.models import load_model
 
     data = make_splits(tmp_path / "s", n_train=8, n_val=2)
     p = train_params("embedded:smollm2-135m-instruct", tmp_path, "train.max_steps=2", "train.method=qlora")
@@ -219,7 +219,7 @@ def test_speed_settings_do_not_change_what_is_learned(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])
 def test_gradient_checkpointing_covers_the_first_fraction_of_layers(tiny_model, tmp_path, method):
-    from ftlib.train import load_for_training
+    from ftlib.stages.train import load_for_training
 
     def flags(fraction: float) -> list[bool]:
         p = train_params(tiny_model, tmp_path, f"train.method={method}", f"train.gradient_checkpointing_fraction={fraction}")
@@ -233,7 +233,7 @@ def test_gradient_checkpointing_covers_the_first_fraction_of_layers(tiny_model, 
 def test_lora_layers_adapts_only_the_top_layers(tiny_model, tmp_path, method):
     import torch
 
-    from ftlib.train import load_for_training
+    from ftlib.stages.train import load_for_training
 
     def adapted(top: int) -> tuple[set[int], Any]:
         p = train_params(tiny_model, tmp_path, f"train.method={method}", f"train.lora_layers={top}")
@@ -255,7 +255,7 @@ def test_compact_lm_head_scores_only_answer_positions_with_the_same_loss(tiny_mo
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
-    from ftlib.train import _tune_lm_head
+    from ftlib.stages.train import _tune_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     trl_utils.add_fused_lm_head(model)
@@ -288,7 +288,7 @@ def test_partial_checkpoint_is_skipped_and_previous_good_one_used(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from ftlib.train import last_good_checkpoint
+    from ftlib.stages.train import last_good_checkpoint
 
     dirs = [tmp_path / f"checkpoint-{n}" for n in (2, 4, 10, 12, 14)]
     good, partial, corrupt, truncated, garbage = dirs
@@ -340,7 +340,7 @@ def test_validation_label_metrics_pick_the_checkpoint_and_reach_mlflow(tmp_path,
     the best checkpoint is the one with the highest validation accuracy, and the metrics are in MLflow and the CSV."""
     import mlflow
 
-    from ftlib.evaluate import evaluate
+    from ftlib.stages.evaluate import evaluate
 
     data = make_splits(tmp_path / "s", n_train=12, n_val=6)
     p = train_params(tiny_model, tmp_path, "train.method=full", "train.learning_rate=3e-3", "train.max_steps=8",
@@ -400,8 +400,8 @@ def test_padding_free_batches_are_exact_with_the_default_attention(tiny_model, t
 
 
 def test_token_budget_is_a_gpu_decision_and_keeps_the_optimization_comparable():
-    from ftlib.config import TrainConfig
-    from ftlib.train import resolve_batch_tokens, token_budget_plan
+    from ftlib.core.config import TrainConfig
+    from ftlib.stages.train import resolve_batch_tokens, token_budget_plan
 
     # auto: off on a CPU (no GPU memory) or without padding-free; by memory on a GPU; never below a row
     assert resolve_batch_tokens("auto", padding_free=False, gpu_gb=None, max_seq_length=512) == 0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ftlib.config import load_params
-from ftlib.validate import UsageError, validate_paths
+from ftlib.core.config import load_params
+from ftlib.stages.validate import UsageError, validate_paths
 from tests.conftest import LABELS, alpaca, balanced, write_jsonl
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import dag, task
 
-from ftlib.orchestrate import raw_data_asset
+from ftlib.airflow.orchestrate import raw_data_asset
 
 PROJECT = Path(os.environ["FTLIB_PROJECT_DIR"])
 RAW = raw_data_asset(PROJECT)
@@ -23,7 +23,7 @@ N = int(os.environ.get("BURST_FILES", "50"))
 def land_burst():
     @task(outlets=[RAW])
     def land(i: int) -> None:
-        from ftlib.orchestrate import collect_landed
+        from ftlib.airflow.orchestrate import collect_landed
 
         landing = PROJECT / "data" / "landing"
         landing.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ def merge_adapter(adapter: str | Path = "models/adapter", out_dir: str | Path = 
     """
     import torch
 
-    from ftlib.atomic import replacing
-    from ftlib.models import load_model, train_info
+    from ftlib.core.atomic import replacing
+    from ftlib.core.models import load_model, train_info
 
     info = train_info(str(adapter))
     if info is None or not (Path(adapter) / "adapter_config.json").is_file():

@@ -45,9 +45,9 @@ def size_mb(path: str | Path) -> float | None:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one variant, answer every test example (batched), time single requests. Runs in a child process."""
-    from ftlib.evaluate import classification_metrics, generation_metrics
-    from ftlib.formats import read_examples
-    from ftlib.generate import extract_label, load_predictor
+    from ftlib.stages.evaluate import classification_metrics, generation_metrics
+    from ftlib.core.formats import read_examples
+    from ftlib.serving.generate import extract_label, load_predictor
 
     examples = read_examples(spec["data"])[: spec.get("max_examples") or None]
     t = time.perf_counter()
@@ -102,7 +102,7 @@ def _state_mb(model: Any) -> float:
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "ftlib.benchmark", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "ftlib.stages.benchmark", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, check=False)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -121,8 +121,8 @@ def tfidf_baseline(train_file: Path, test_file: Path, labels: list[str]) -> dict
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    from ftlib.evaluate import classification_metrics
-    from ftlib.formats import read_examples
+    from ftlib.stages.evaluate import classification_metrics
+    from ftlib.core.formats import read_examples
 
     def xy(path: Path) -> tuple[list[str], list[str]]:
         ex = read_examples(path)
@@ -164,7 +164,7 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
               data_dir: str = "data/splits", out: str = "reports/benchmark.json", include_base: bool = True,
               progress: Any = print) -> dict[str, Any]:
     """Measure every variant; write benchmark.json, benchmark.md and plots/benchmark.png beside `out`."""
-    from ftlib.models import resolve, template_of
+    from ftlib.core.models import resolve, template_of
 
     cfg, data = params.benchmark, Path(data_dir)
     test = data / "test.jsonl"
@@ -279,10 +279,10 @@ def log_to_mlflow(result: dict[str, Any], adapter: str) -> None:
     """Each variant as a child run of the training run (from the adapter's ftlib_train.json)."""
     import mlflow
 
-    from ftlib.models import train_info
-    from ftlib.train import setup_mlflow
+    from ftlib.core.models import train_info
+    from ftlib.core.tracking import setup_tracking
 
-    setup_mlflow()
+    setup_tracking()
     mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
     parent = (train_info(adapter) or {}).get("mlflow_run_id")
     try:
@@ -300,5 +300,5 @@ def log_to_mlflow(result: dict[str, Any], adapter: str) -> None:
                 mlflow.log_metrics({k: float(r[k]) for k, _, _ in COLUMNS if isinstance(r.get(k), (int, float)) and r[k] == r[k]})
 
 
-if __name__ == "__main__":  # child process: python -m ftlib.benchmark '<spec json>'
+if __name__ == "__main__":  # child process: python -m ftlib.stages.benchmark '<spec json>'
     print("RESULT " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftlib.config import Params
+from ftlib.core.config import Params
 
 
 @dataclass
@@ -60,9 +60,9 @@ def distill(params: Params, teacher: str, student: str, out_dir: str | Path = "m
     import torch.nn.functional as F
     from transformers import Trainer, TrainingArguments
 
-    from ftlib.formats import encode_example, read_examples
-    from ftlib.models import load_model
-    from ftlib.train import use_bf16
+    from ftlib.core.formats import encode_example, read_examples
+    from ftlib.core.models import load_model
+    from ftlib.stages.train import use_bf16
 
     teacher_model, tokenizer = load_model(teacher, allow_pickle_weights=params.allow_pickle_weights)
     teacher_model.eval()

@@ -28,7 +28,7 @@ def prune_model(model_spec: str, amount: float = 0.3, out_dir: str | Path = "mod
     import torch
     import torch.nn.utils.prune as prune
 
-    from ftlib.models import load_model, train_info
+    from ftlib.core.models import load_model, train_info
 
     model, tokenizer = load_model(model_spec)
     if hasattr(model, "merge_and_unload"):  # an adapter: prune the merged weights

@@ -6,6 +6,6 @@ MLflow runs this file to rebuild the model, so nothing is unpickled at load time
 
 import mlflow
 
-from ftlib.serve import FtlibModel
+from ftlib.serving.serve import FtlibModel
 
 mlflow.models.set_model(FtlibModel())

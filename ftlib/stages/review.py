@@ -24,7 +24,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from ftlib.formats import Issue, read_examples
+from ftlib.core.formats import Issue, read_examples
 
 COLUMNS = ["id", "line", "prompt", "expected", "predicted", "rating", "comment"]
 RATINGS = (1, 2, 3, 4, 5)
@@ -71,7 +71,7 @@ def export_sheet(model: str, data: str | Path, out: str | Path, n: int = 20, see
     comment cells, a button that saves the filled sheet as CSV); anything else gives CSV.
     The sample depends only on `seed` and the data, so a re-export gives the same rows.
     """
-    from ftlib.generate import load_predictor
+    from ftlib.serving.generate import load_predictor
 
     examples = read_examples(data)
     picked = sorted(random.Random(seed).sample(range(len(examples)), min(n, len(examples))))
@@ -259,7 +259,7 @@ def _review_run(client: Any, model: str) -> tuple[str, bool]:
 
     from mlflow.exceptions import MlflowException
 
-    from ftlib.models import train_info
+    from ftlib.core.models import train_info
 
     info = train_info(model) or {}
     if info.get("mlflow_run_id"):
@@ -291,13 +291,13 @@ def import_sheet(path: str | Path, model: str, allow_missing: bool = False) -> R
     """
     from mlflow.tracking import MlflowClient
 
-    from ftlib.train import setup_mlflow
+    from ftlib.core.tracking import setup_tracking
 
     ratings = check_sheet(path, allow_missing)
     distribution = {r: ratings.count(r) for r in RATINGS}
     metrics = {"review_rating_mean": sum(ratings) / len(ratings), "review_rating_count": float(len(ratings)),
                **{f"review_rating_{r}": float(c) for r, c in distribution.items()}}
-    setup_mlflow()
+    setup_tracking()
     client = MlflowClient()
     run_id, new_run = _review_run(client, model)
     # One tag per imported sheet, keyed by its content hash: a second import of the same

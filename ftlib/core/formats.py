@@ -301,7 +301,7 @@ def chat_problems(msgs: Any) -> dict[str, str | None]:
 def to_example(row: Row) -> Example | None:
     """Normalize a row; None if its fields are missing or of the wrong type.
 
-    Which field is wrong is the validator's job to report (ftlib.validate).
+    Which field is wrong is the validator's job to report (ftlib.stages.validate).
     """
     obj = row.obj
     if row.format == "alpaca":

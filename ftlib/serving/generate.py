@@ -1,6 +1,6 @@
 """Inference: generate answers with any model form, and score classification accuracy.
 
-Prompts are built by ftlib.formats (render_prompt + encode_prompt), the same code the
+Prompts are built by ftlib.core.formats (render_prompt + encode_prompt), the same code the
 trainer uses, so a fine-tuned model sees at inference exactly the text it learned from.
 
 `load_predictor(model)` gives one interface over both runtimes ftlib serves with:
@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ftlib.formats import Example, encode_example, encode_prompt, render_prompt
+from ftlib.core.formats import Example, encode_example, encode_prompt, render_prompt
 
 
 def user_messages(instruction: str, input_text: str = "", system: str | None = None) -> list[dict[str, str]]:
-    """The messages of an alpaca-style request, normalized like ftlib.formats does."""
+    """The messages of an alpaca-style request, normalized like ftlib.core.formats does."""
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": instruction if not input_text else f"{instruction}\n\n{input_text}"})
     return msgs
@@ -315,7 +315,7 @@ class GGUFPredictor:
 
 def load_predictor(model: str, template: str = "chat", dtype: str = "float32") -> HFPredictor | GGUFPredictor:
     """A predictor for any --model form, GGUF files included."""
-    from ftlib.models import gguf_tokenizer, load_model, template_of
+    from ftlib.core.models import gguf_tokenizer, load_model, template_of
 
     if str(model).endswith(".gguf"):
         tokenizer, template = gguf_tokenizer(model, template)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlib.atomic import replacing
+from ftlib.core.atomic import replacing
 
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 TRANSFORMERS_VARIANTS = ("bnb-int8", "bnb-nf4", "torch-int8")
@@ -134,9 +134,9 @@ def quantize(model: str | Path = "models/adapter", out_dir: str | Path = "models
 
     allow_pickle_weights reaches the merge only: every variant is written from safetensors.
     """
-    from ftlib.merge import merge_adapter
-    from ftlib.models import load_tokenizer, resolve
-    from ftlib.security import check_model_dir
+    from ftlib.stages.merge import merge_adapter
+    from ftlib.core.models import load_tokenizer, resolve
+    from ftlib.core.security import check_model_dir
 
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
     if unknown:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ftlib.config import Params
-from ftlib.formats import Row
-from ftlib.validate import CHUNK_ROWS, ValidationResult, prompt_key, validate_paths
+from ftlib.core.config import Params
+from ftlib.core.formats import Row
+from ftlib.stages.validate import CHUNK_ROWS, ValidationResult, prompt_key, validate_paths
 
 SPLITS = ("train", "validation", "test")
 

@@ -10,9 +10,9 @@
               which lists each criterion with both scores and what was required.
     register  only after a passed gate: logs params, metrics, reports, dvc.lock, the
               validation report, a model card, the merged model and the shippable GGUFs
-              to that run, logs the adapter as an MLflow pyfunc (ftlib/pyfunc_model.py,
+              to that run, logs the adapter as an MLflow pyfunc (ftlib/serving/pyfunc_model.py,
               logged as code: no pickle), creates a model version tagged with the run key
-              and the lineage (ftlib.lineage) and points the `challenger` alias at it.
+              and the lineage (ftlib.core.lineage) and points the `challenger` alias at it.
 
 Idempotent: the run key (hash of split files, params, code version and adapter
 weights) is a tag on the run and on the version. A rerun finds them and finishes
@@ -28,22 +28,19 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ftlib import lineage
-from ftlib.config import Params, as_dict
+from ftlib.core import lineage
+from ftlib.core.config import Params, as_dict, flatten
+from ftlib.core.tracking import RegistryError, setup_tracking
 
 KEY_TAG = "ftlib.register_key"
 COMPLETE_TAG = "ftlib.registered"  # set last: a version without it was interrupted
 REGISTRY_PREFIX = "models:/"
 
 
-class RegistryError(RuntimeError):
-    """A registry problem the user must act on (unreachable server, unknown model, refused promotion)."""
 
 
 @dataclass
@@ -74,26 +71,6 @@ class Registration:
 
 # ---------------------------------------------------------------------------
 # MLflow plumbing
-
-def setup_tracking() -> str:
-    """Default `sqlite:///mlflow.db` in the working directory; fail fast when a server is down.
-
-    MLflow's client retries an unreachable server for minutes; one short /health probe
-    turns that into an immediate, clear error before anything is written.
-    """
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "ftlib")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
-                r.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise RegistryError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
-                                "nothing was logged or registered. Start it (or fix MLFLOW_TRACKING_URI) and rerun.") from None
-    return uri
-
 
 def client() -> Any:
     from mlflow import MlflowClient
@@ -193,7 +170,7 @@ def primary_metrics(params: Params, metrics: dict[str, Any]) -> dict[str, float]
 
 def score_model(model: str, params: Params, test_file: Path) -> dict[str, float]:
     """Score any --model form (a models:/ URI included) on test_file, exactly as `ftlib evaluate` does."""
-    from ftlib.evaluate import evaluate
+    from ftlib.stages.evaluate import evaluate
 
     m = evaluate(model, test_file, labels=params.data.labels, task=params.data.task, template=params.template, progress=False)
     return primary_metrics(params, m)
@@ -203,7 +180,7 @@ def baseline_scores(params: Params, data_dir: Path) -> dict[str, float] | None:
     """TF-IDF + logistic regression trained on train.jsonl, scored on test.jsonl (classification only)."""
     if params.data.task != "classification" or not (data_dir / "train.jsonl").is_file():
         return None
-    from ftlib.benchmark import tfidf_baseline
+    from ftlib.stages.benchmark import tfidf_baseline
 
     b = tfidf_baseline(data_dir / "train.jsonl", data_dir / "test.jsonl", list(params.data.labels))
     return {"score": b["accuracy"], "f1": b["f1_macro"]}
@@ -327,7 +304,7 @@ def default_prompt(train_file: Path) -> dict[str, str]:
     """The instruction (and system prompt) most training examples share, so callers can send only the input."""
     from collections import Counter
 
-    from ftlib.formats import read_examples
+    from ftlib.core.formats import read_examples
 
     if not train_file.is_file():
         return {}
@@ -377,7 +354,7 @@ def model_card(params: Params, name: str, g: Gate, metrics: dict[str, Any], benc
               f">= {c['required']:.3f} | {'ok' if c['passed'] else 'fails'} |" for c in g.criteria]
     lines += ["", "## Variants", ""]
     if benchmark:
-        from ftlib.benchmark import markdown
+        from ftlib.stages.benchmark import markdown
 
         lines.append(markdown(benchmark))
     lines.append("Shipped GGUF files (llama.cpp / Ollama): " + (", ".join(f"`{p.name}`" for p in shipped) or "none passed parity") + ".")
@@ -494,8 +471,8 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
     card = model_card(params, name, g, metrics, benchmark, tags, prompt, shipped)
     modelfile_text = None
     if shipped:
-        from ftlib.models import load_tokenizer
-        from ftlib.quantize import modelfile
+        from ftlib.core.models import load_tokenizer
+        from ftlib.stages.quantize import modelfile
 
         modelfile_text = modelfile(shipped[0].name, load_tokenizer(str(adapter), light=True))
     run = c.get_run(run_id)
@@ -506,9 +483,8 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
             "reports": reports, "merged": merged_dir})
         from mlflow.entities import Metric, Param
 
-        from ftlib.train import _flatten
 
-        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(as_dict(params)).items() if k not in run.data.params]
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(as_dict(params)).items() if k not in run.data.params]
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
             c.log_batch(run_id, params=flat[i:i + 100])
         ts = int(time.time() * 1000)
@@ -527,7 +503,7 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
                     "ftlib.gate.reason": "; ".join(g.reasons) or "passed",
                     f"ftlib.{g.metric}": f"{g.candidate['score']:.4f}", "ftlib.f1": f"{g.candidate['f1']:.4f}", **tags}
     if force and not g.passed:
-        version_tags |= {"ftlib.forced": "true", "ftlib.forced.reason": reason, "ftlib.forced.by": _who()}
+        version_tags |= {"ftlib.forced": "true", "ftlib.forced.reason": reason, "ftlib.forced.by": who()}
     import mlflow
 
     mv = mlflow.register_model(model_uri, name, tags=version_tags)
@@ -544,7 +520,7 @@ def _finish(c: Any, name: str, version: str, card: str) -> None:
     c.set_model_version_tag(name, version, COMPLETE_TAG, "true")
 
 
-def _who() -> str:
+def who() -> str:
     import getpass
 
     try:
@@ -559,7 +535,7 @@ def local_copy(uri: str, dest_root: Path | None = None) -> Path:
 
     c = client()
     mv = get_version(c, uri)
-    from ftlib.models import cache_dir
+    from ftlib.core.models import cache_dir
 
     tracking = hashlib.sha256(os.environ["MLFLOW_TRACKING_URI"].encode()).hexdigest()[:8]
     # the run id too: a model deleted and registered again reuses version numbers

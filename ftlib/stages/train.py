@@ -5,7 +5,7 @@ top), lora, full, prompt_tuning, and auto (the default: qlora on a CUDA GPU, lor
 see resolve_method). The loop is TRL's; this module only
 decides what to load, how to batch and where to write:
 
-  * supervision: examples are pre-tokenized by ftlib.formats.encode_example into
+  * supervision: examples are pre-tokenized by ftlib.core.formats.encode_example into
     input_ids + completion_mask, so the loss falls on the answer only, every answer ends
     with EOS, and the prompt text is the one inference builds;
   * speed: bf16 autocast where the hardware has it; class-balanced batches on a CPU; on
@@ -36,8 +36,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ftlib.config import Params, TrainConfig, as_dict
-from ftlib.formats import encode_example, read_examples
+from ftlib.core.config import Params, TrainConfig, as_dict, flatten
+from ftlib.core.tracking import setup_tracking
+from ftlib.core.formats import encode_example, read_examples
 
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
 
@@ -258,8 +259,8 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftlib.models import load_tokenizer, resolve
-    from ftlib.security import check_model_dir
+    from ftlib.core.models import load_tokenizer, resolve
+    from ftlib.core.security import check_model_dir
 
     cfg = params.train
     path = resolve(params.base_model)
@@ -387,8 +388,8 @@ class LabelMetrics(TrainerCallback):
     def score(self, model: Any) -> dict[str, float]:
         import torch
 
-        from ftlib.evaluate import classification_metrics
-        from ftlib.generate import HFPredictor, extract_label
+        from ftlib.stages.evaluate import classification_metrics
+        from ftlib.serving.generate import HFPredictor, extract_label
 
         was_training = model.training
         model.eval()
@@ -499,7 +500,7 @@ class Tracker(TrainerCallback):
         if run is None:
             return
         self.run_id = run.info.run_id
-        flat = {f"ftlib.{k}": v for k, v in _flatten(as_dict(self.params)).items()}
+        flat = {f"ftlib.{k}": v for k, v in flatten(as_dict(self.params)).items()}
         existing = set(run.data.params) if run.data.params else set()
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items() if k not in existing})
         mlflow.set_tags({"ftlib.run_key": self.key, "ftlib.stage": "train", **{
@@ -552,16 +553,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _checkpoint_first_layers(model: Any, fraction: float) -> None:
     """Gradient checkpointing (non-reentrant: no input-grad hooks needed) on the first ceil(fraction x n) decoder layers only.
 
@@ -608,13 +599,6 @@ def _run_exists(run_id: str) -> bool:
         return True
     except MlflowException:
         return False
-
-
-def setup_mlflow() -> None:
-    """Local `sqlite:///mlflow.db` unless MLFLOW_TRACKING_URI says otherwise."""
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "ftlib")
-    os.environ.setdefault("HF_MLFLOW_LOG_ARTIFACTS", "0")
 
 
 # ---------------------------------------------------------------------------
@@ -694,7 +678,7 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
             raise FileNotFoundError(f"{data_dir / f}: missing; run `ftlib split` (or `dvc repro split`) first")
     torch.manual_seed(cfg.seed)
     _tune_lm_head(cfg.lm_head_chunk)
-    setup_mlflow()
+    setup_tracking()
     key = run_key(params, data_dir)
     ckpt_dir = Path(cfg.checkpoint_dir) / key
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -805,7 +789,7 @@ def _throughput(history: list[dict[str, float]]) -> float | None:
 
 def _save(trainer: Any, tokenizer: Any, params: Params, result: TrainResult, data_dir: Path) -> None:
     """Write the output directory atomically: the previous model stays until the new one is complete."""
-    from ftlib.atomic import replacing
+    from ftlib.core.atomic import replacing
 
     if not trainer.is_world_process_zero():  # under `accelerate launch`, rank 0 alone writes the model
         return

@@ -1,7 +1,7 @@
 """Stage `validate`: data contracts for instruction data, enforced with Great Expectations.
 
 Streaming, so memory stays flat however large the data (benchmarks/load_1m.py):
-  pass 1  reads every line (ftlib.formats.scan_lines) and reports the lines that are not a
+  pass 1  reads every line (ftlib.core.formats.scan_lines) and reports the lines that are not a
           JSON object in a known format (bad UTF-8, bad JSON, arrays, huge lines, empty
           files, unknown or mixed formats). Of each row it keeps only 16-byte digests of its
           content, prompt and output, from which the cross-row facts are counted: copies of
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ftlib.config import Params
-from ftlib.formats import (Format, Issue, Row, chat_problems, detect_format, majority, mixed_issue, render, render_texts,
+from ftlib.core.config import Params
+from ftlib.core.formats import (Format, Issue, Row, chat_problems, detect_format, majority, mixed_issue, render, render_texts,
                            scan_lines, to_example, unknown_issue)
 
 # Rows per GX run: memory grows with the chunk, not with the data, and GX's fixed cost per
@@ -617,7 +617,7 @@ def validate_paths(
     n_lines = n_rows + sum(1 for i in p1.issues if i.line > 0)
 
     if tokenizer is None and n_rows:
-        from ftlib.models import load_tokenizer
+        from ftlib.core.models import load_tokenizer
 
         tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, light=True)
     out = Path(out_dir) if out_dir is not None else None

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # name -> (python package, GGUF file inside it, PyPI distribution)
 EMBEDDED = {
@@ -31,13 +31,8 @@ EMBEDDED = {
 PREFIX = "embedded:"
 
 
-class ModelError(RuntimeError):
-    """A model string that cannot be resolved; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $FTLIB_CACHE, else ~/.cache/ftlib."""
-    return Path(os.environ.get("FTLIB_CACHE") or Path.home() / ".cache" / "ftlib")
+# defined in ftlib.core.errors (security needs them too, and models imports security)
+from ftlib.core.errors import ModelError, cache_dir  # noqa: E402
 
 
 def _gguf_path(name: str) -> tuple[Path, str]:
@@ -107,16 +102,25 @@ def _convert_gguf(name: str, target: Path) -> None:
     tmp.rename(target)
 
 
+# models:/ URIs belong to the registry, a layer above this one. ftlib.registry plugs its resolver in
+# here when it is imported (the CLI and the Airflow glue import it), so every --model accepts them
+# without core importing the registry.
+_registry_local_copy: Callable[[str], Path] | None = None
+
+
+def set_registry_resolver(local_copy: Callable[[str], Path]) -> None:
+    """local_copy(uri) -> the local directory of a registered version (downloaded once, cached)."""
+    global _registry_local_copy
+    _registry_local_copy = local_copy
+
+
 def registered(uri: str, part: str = "adapter") -> str:
     """models:/NAME/N or models:/NAME@ALIAS -> the local path of one part of that version's pyfunc
     model ("adapter" or "gguf"), downloaded once per version into the cache. The alias is
     resolved on every call, so a promotion or rollback takes effect on the next load."""
-    from ftlib.register import RegistryError, local_copy
-
-    try:
-        root = local_copy(uri) / "artifacts"
-    except RegistryError as e:
-        raise ModelError(str(e)) from None
+    if _registry_local_copy is None:
+        raise ModelError(f"{uri}: a registry URI; import ftlib.registry to resolve it")
+    root = _registry_local_copy(uri) / "artifacts"
     if part == "gguf":
         found = sorted(root.rglob("*.gguf"))
         if not found:
@@ -151,7 +155,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, light: bool = Fa
     torch (0.7 s instead of 3 s): enough for rendering templates and counting tokens,
     which is all validation needs. Training and inference use the full AutoTokenizer.
     """
-    from ftlib.security import check_chat_template, check_model_dir
+    from ftlib.core.security import check_chat_template, check_model_dir
 
     path = resolve(model)
     check_model_dir(path, trust_remote_code, allow_pickle_weights=True)  # weights are not the tokenizer's business
@@ -189,7 +193,7 @@ def load_model(model: str, dtype: str = "float32", trust_remote_code: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftlib.security import check_model_dir
+    from ftlib.core.security import check_model_dir
 
     if str(model).endswith(".gguf"):
         raise ModelError(f"{model}: a GGUF file runs on llama.cpp, not transformers; commands that accept it use load_predictor")
@@ -257,7 +261,7 @@ def gguf_tokenizer(path: str, template: str = "chat") -> tuple[Any, str]:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    from ftlib.security import check_chat_template
+    from ftlib.core.security import check_chat_template
 
     check_chat_template(tok.chat_template, f"{gguf} (tokenizer.chat_template metadata)")
     return tok, template

@@ -5,7 +5,7 @@ scikit-learn: accuracy, weighted and macro precision/recall/F1, a per-class repo
 a confusion matrix. The predicted label comes from one of two modes:
 
   generate  greedy-generate an answer and read the label out of it
-            (ftlib.generate.extract_label: case, accents, markdown, trailing words);
+            (ftlib.serving.generate.extract_label: case, accents, markdown, trailing words);
             an answer that names no label is "off-label" and counts as wrong;
   loglik    score log p(label + EOS | prompt) for every declared label and take the
             best one: one prompt pass per batch, each label continued from a copy
@@ -15,7 +15,7 @@ Generation data (`generation`, `code`) is scored against the reference answer: e
 match, chrF and BLEU (sacrebleu corpus scores, 0-100), ROUGE-L F1 over whitespace tokens,
 and for code the share of answers that parse as Python.
 
-Every --model form works: the model is reached through ftlib.generate.load_predictor.
+Every --model form works: the model is reached through ftlib.serving.generate.load_predictor.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
-from ftlib.formats import Example, read_examples
-from ftlib.generate import extract_label, load_predictor
+from ftlib.core.formats import Example, read_examples
+from ftlib.serving.generate import extract_label, load_predictor
 
 OFF_LABEL = "(none)"  # the confusion-matrix column of answers that name no declared label
 Mode = Literal["generate", "loglik"]
@@ -275,7 +275,7 @@ def evaluate(
             row["logliks"] = dict(zip(labels, s))
     if predictions_csv is not None:
         write_predictions(rows, predictions_csv)
-    from ftlib.lineage import md5, weight_md5s
+    from ftlib.core.lineage import md5, weight_md5s
 
     # which weights and which test file these numbers belong to: the gate refuses metrics of another model
     return {**metrics, "task": task, "mode": mode, "model": str(model), "data": str(data),

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from ftlib.models import ModelError, cache_dir
+from ftlib.core.errors import ModelError, cache_dir
 
 ROOTS_SETTING = "paths.allowed_roots"
 

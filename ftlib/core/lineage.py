@@ -94,8 +94,8 @@ def stage_graph(root: Path) -> list[str]:
 
 def base_model_revision(base_model: str) -> str:
     """Something that pins the base weights: package version + file hash, hub revision, or weight hashes."""
-    from ftlib.models import PREFIX as EMBEDDED_PREFIX
-    from ftlib.models import resolve
+    from ftlib.core.models import PREFIX as EMBEDDED_PREFIX
+    from ftlib.core.models import resolve
 
     path = Path(resolve(base_model))
     source = path / "ftlib_source.json"

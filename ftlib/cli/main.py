@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ftlib import __version__
+import ftlib.registry  # noqa: F401  (plugs models:/ resolution into ftlib.core.models)
 
 app = typer.Typer(
     name="ftlib",
@@ -45,7 +46,7 @@ def main(
 
 
 def _params(path: Path, overrides: Optional[list[str]]):
-    from ftlib.config import ConfigError, load_params
+    from ftlib.core.config import ConfigError, load_params
 
     try:
         params = load_params(path, overrides or [])
@@ -58,8 +59,8 @@ def _params(path: Path, overrides: Optional[list[str]]):
 
 def _confine(params, *paths) -> None:
     """Exit 2 when a data/model/output path (Path) or a local --model string resolves outside the
-    allowed roots (ftlib.security.confine; params None = the roots of ./params.yaml)."""
-    from ftlib.security import PathError, allowed_roots, confine, is_local_path
+    allowed roots (ftlib.core.security.confine; params None = the roots of ./params.yaml)."""
+    from ftlib.core.security import PathError, allowed_roots, confine, is_local_path
 
     roots = allowed_roots((params or _params(Path("params.yaml"), None)).paths.allowed_roots)
     try:
@@ -143,8 +144,8 @@ def validate(
 
       ftlib validate data/raw -o validate.duplicates=warning
     """
-    from ftlib.models import ModelError
-    from ftlib.validate import UsageError, validate_paths
+    from ftlib.core.models import ModelError
+    from ftlib.stages.validate import UsageError, validate_paths
 
     params = _params(params_file, overrides)
     _confine(params, *paths, report_dir)
@@ -189,9 +190,9 @@ def split(
 
       ftlib split data/raw -o split.train=0.7 -o split.validation=0.15 -o split.test=0.15
     """
-    from ftlib.models import ModelError
-    from ftlib.split import SPLITS, InvalidData, split_paths
-    from ftlib.validate import UsageError
+    from ftlib.core.models import ModelError
+    from ftlib.stages.split import SPLITS, InvalidData, split_paths
+    from ftlib.stages.validate import UsageError
 
     params = _params(params_file, overrides)
     _confine(params, *(paths or []), out_dir)
@@ -231,9 +232,9 @@ def _compare_on_test(params, data_dir: Path, adapter: str, progress) -> dict:
     A PEFT adapter carries its base: the base is scored with the adapter switched off,
     so the model is loaded once.
     """
-    from ftlib.formats import read_examples
-    from ftlib.generate import classification_accuracy
-    from ftlib.models import load_model
+    from ftlib.core.formats import read_examples
+    from ftlib.serving.generate import classification_accuracy
+    from ftlib.core.models import load_model
 
     test = read_examples(data_dir / "test.jsonl")
 
@@ -279,7 +280,7 @@ def train(
     """
     import json as _json
 
-    from ftlib.train import train as run_train
+    from ftlib.stages.train import train as run_train
 
     params = _params(params_file, overrides)
     _confine(params, data_dir, reports_dir, Path(params.train.output_dir), Path(params.train.checkpoint_dir))
@@ -349,9 +350,9 @@ def generate(
 
       ftlib generate -m models/quantized/model-q4_k_m.gguf "Clasifica el sentimiento" -i "Pésimo servicio"
     """
-    from ftlib.generate import HFPredictor, load_predictor, user_messages
-    from ftlib.generate import generate as run_generate
-    from ftlib.models import ModelError
+    from ftlib.serving.generate import HFPredictor, load_predictor, user_messages
+    from ftlib.serving.generate import generate as run_generate
+    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
     _confine(params, model)
@@ -393,8 +394,8 @@ def merge(
 
       ftlib merge --model models/adapter --out models/merged --dtype bfloat16
     """
-    from ftlib.merge import merge_adapter
-    from ftlib.models import ModelError
+    from ftlib.stages.merge import merge_adapter
+    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
     _confine(params, model, out_dir)
@@ -420,8 +421,8 @@ def prune(
 
       ftlib prune -m embedded:smollm2-135m-instruct --amount 0.5 --out /tmp/pruned
     """
-    from ftlib.models import ModelError
-    from ftlib.prune import prune_model
+    from ftlib.core.models import ModelError
+    from ftlib.stages.prune import prune_model
 
     _confine(None, model, out_dir)
     try:
@@ -454,8 +455,8 @@ def distill(
 
       ftlib distill --teacher models/merged --student /models/small --temperature 2 --alpha 0.5 --max-steps 200
     """
-    from ftlib.distill import distill as run_distill
-    from ftlib.models import ModelError
+    from ftlib.stages.distill import distill as run_distill
+    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
     _confine(params, teacher, student, data_dir, out_dir)
@@ -528,9 +529,9 @@ def evaluate(
     """
     import json as _json
 
-    from ftlib.evaluate import InvalidData, plot_confusion
-    from ftlib.evaluate import evaluate as run_evaluate
-    from ftlib.models import ModelError
+    from ftlib.stages.evaluate import InvalidData, plot_confusion
+    from ftlib.stages.evaluate import evaluate as run_evaluate
+    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
     _confine(params, model, data, json_out, plot, predictions)
@@ -598,8 +599,8 @@ def review_export(
 
       ftlib review export --model models/merged --data data/splits/test.jsonl --out reports/review.html
     """
-    from ftlib.models import ModelError
-    from ftlib.review import export_sheet
+    from ftlib.core.models import ModelError
+    from ftlib.stages.review import export_sheet
 
     params = _params(params_file, overrides)
     _confine(params, model, data, sheet)
@@ -636,7 +637,7 @@ def review_import(
 
       ftlib review import ~/Downloads/review.csv --model models/merged --allow-missing
     """
-    from ftlib.review import SheetError, import_sheet
+    from ftlib.stages.review import SheetError, import_sheet
 
     _confine(None, sheet, model)
     try:
@@ -679,9 +680,9 @@ def quantize(
 
       ollama create sentiment -f models/quantized/Modelfile && ollama run sentiment
     """
-    from ftlib.models import ModelError
-    from ftlib.quantize import QuantizeError
-    from ftlib.quantize import quantize as run_quantize
+    from ftlib.core.models import ModelError
+    from ftlib.stages.quantize import QuantizeError
+    from ftlib.stages.quantize import quantize as run_quantize
 
     params = _params(params_file, overrides)
     _confine(params, model, out_dir, merged_dir)
@@ -691,7 +692,7 @@ def quantize(
     except (QuantizeError, ModelError, ValueError, OSError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    from ftlib.benchmark import size_mb
+    from ftlib.stages.benchmark import size_mb
 
     table = Table(title="variants")
     for col in ("name", "runtime", "path", "size MB"):
@@ -721,8 +722,8 @@ def benchmark(
 
       ftlib benchmark -o benchmark.max_examples=20 -o benchmark.include_base=false
     """
-    from ftlib.benchmark import benchmark as run_benchmark
-    from ftlib.benchmark import table
+    from ftlib.stages.benchmark import benchmark as run_benchmark
+    from ftlib.stages.benchmark import table
 
     params = _params(params_file, overrides)
     _confine(params, adapter, quantized, data_dir, json_out)
@@ -755,8 +756,8 @@ def _gate_table(g) -> Table:
 
 
 def _registry_errors():
-    from ftlib.models import ModelError
-    from ftlib.register import RegistryError
+    from ftlib.core.models import ModelError
+    from ftlib.registry.register import RegistryError
 
     return (RegistryError, ModelError, FileNotFoundError)
 
@@ -780,7 +781,7 @@ def gate(
 
       ftlib gate -o register.accuracy_threshold=0.8 -o register.min_improvement=0.02
     """
-    from ftlib.register import gate as run_gate
+    from ftlib.registry.register import gate as run_gate
 
     params = _params(params_file, overrides)
     _confine(params, metrics, adapter, data_dir, json_out)
@@ -822,7 +823,7 @@ def register(
 
       ftlib register --force --reason "hotfix: old champion broke on new labels"
     """
-    from ftlib.register import register as run_register
+    from ftlib.registry.register import register as run_register
 
     params = _params(params_file, overrides)
     _confine(params, adapter, data_dir, reports, quantized, merged, validation_report, json_out)
@@ -868,9 +869,9 @@ def promote(
 
       ftlib promote ftlib-sentiment --rollback --reason "complaints about NEUTRAL"
     """
-    from ftlib.promote import promote as run_promote
-    from ftlib.promote import rollback as run_rollback
-    from ftlib.register import client
+    from ftlib.registry.promote import promote as run_promote
+    from ftlib.registry.promote import rollback as run_rollback
+    from ftlib.registry.register import client
 
     try:
         c = client()
@@ -904,8 +905,8 @@ def models_list(name: str = typer.Argument(..., help="Registered model name.")) 
 
       ftlib models list ftlib-sentiment
     """
-    from ftlib.promote import versions
-    from ftlib.register import client
+    from ftlib.registry.promote import versions
+    from ftlib.registry.register import client
 
     try:
         rows = versions(client(), name)
@@ -936,7 +937,7 @@ def models_pull(
 
       python -m llama_cpp.server --model deploy/model-q8_0.gguf --port 8081
     """
-    from ftlib.serve import pull_gguf
+    from ftlib.registry.pull import pull_gguf
 
     _confine(None, out_dir)
     try:
@@ -964,8 +965,8 @@ def lineage(
     """
     import json as _json
 
-    from ftlib import lineage as lin
-    from ftlib.register import client, get_version
+    from ftlib.core import lineage as lin
+    from ftlib.registry.register import client, get_version
 
     _confine(None, data_dir)
     try:
@@ -1036,10 +1037,12 @@ def serve(
 
       ftlib serve -m models:/ftlib-sentiment@champion --runtime llama.cpp --port 8081
     """
-    from ftlib.serve import serve as run_serve
+    from ftlib.registry.pull import load_version
+    from ftlib.serving.serve import serve as run_serve
 
     try:
-        run_serve(model, host, port, runtime)
+        loaded, mv = load_version(model, runtime)
+        run_serve(loaded, mv, model, host, port, runtime)
     except (*_registry_errors(), ValueError, OSError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
@@ -1104,7 +1107,7 @@ def run_pipeline(
     if bench.is_file():
         import json
 
-        from ftlib.benchmark import table as bench_table
+        from ftlib.stages.benchmark import table as bench_table
 
         result = json.loads(bench.read_text())
         Console(width=max(out.width, 150)).print(bench_table(result))
@@ -1119,7 +1122,7 @@ def run_pipeline(
         out.print("fine-tuned model on the test split (reports/metrics.json): " + ", ".join(
             f"{k} {m[k]:.3f}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys))
     if do_register:
-        from ftlib.register import register as run_register
+        from ftlib.registry.register import register as run_register
 
         params = _params(Path("params.yaml"), None)
         try:
@@ -1142,7 +1145,7 @@ def run_pipeline(
 
 def entrypoint() -> None:
     """Entry point for `ftlib` and `python -m ftlib`: a full disk is a clear error (exit 1), not a traceback."""
-    from ftlib.atomic import DiskFullError, is_disk_full
+    from ftlib.core.atomic import DiskFullError, is_disk_full
 
     try:
         app()

@@ -67,7 +67,7 @@ class TrainConfig:
     method: Literal["auto", "qlora", "lora", "full", "prompt_tuning"] = "auto"
     """qlora: 4-bit NF4 base + LoRA; lora: full-precision base + LoRA; full: every weight; prompt_tuning: soft prompt only;
     auto (default): qlora on a CUDA GPU (the production path), lora on a CPU (measured faster and no worse there:
-    ftlib.train.resolve_method)."""
+    ftlib.stages.train.resolve_method)."""
     backend: Literal["auto", "transformers", "unsloth"] = "auto"
     """auto: Unsloth when installed and a CUDA GPU is present, else transformers."""
     lora_r: int = 16
@@ -131,7 +131,7 @@ class TrainConfig:
     ~0.75 s whatever its size). auto = 16,384 / 8,192 / 4,096 tokens for >= 40 / >= 20 / smaller GB of GPU
     memory, off on a CPU; 0 = off (per_device_train_batch_size rows); N >= max_seq_length. The learning rate
     is scaled by sqrt(rows per step / (batch x accumulation)), and warmup/eval/save steps shrink by that
-    ratio so they cover the same rows (ftlib.train.token_budget_plan, docs/gpu-training.md)."""
+    ratio so they cover the same rows (ftlib.stages.train.token_budget_plan, docs/gpu-training.md)."""
     eval_steps: int = 33
     """Evaluate on validation.jsonl every N steps (0 = only at the end)."""
     save_steps: int = 33
@@ -326,3 +326,13 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
 
 def as_dict(params: Params) -> dict[str, Any]:
     return dataclasses.asdict(params)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -18,7 +18,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from ftlib.register import RegistryError, _who, alias_version, get_version
+from ftlib.registry.register import RegistryError, alias_version, get_version, who as current_user
 
 STACK_TAG = "ftlib.champion_stack"      # JSON list of versions, last = current champion
 HISTORY_TAG = "ftlib.champion_history"  # JSON list of every promote/rollback event
@@ -62,7 +62,7 @@ def promote(c: Any, name: str, version: str | None = None, alias: str | None = N
     current = alias_version(c, name, "champion")
     if current is not None and str(current.version) == target:
         return {"version": target, "previous": target, "changed": False}
-    who, at = _who(), _now()
+    who, at = current_user(), _now()
     stack = [v for v in _json_tag(c.get_registered_model(name), STACK_TAG) if v != target]
     if current is not None and (not stack or stack[-1] != str(current.version)):
         stack.append(str(current.version))  # a champion set outside ftlib joins the history
@@ -91,7 +91,7 @@ def rollback(c: Any, name: str, reason: str = "") -> dict[str, Any]:
     if not stack:
         raise RegistryError(f"{name}: champion v{current} has no previous champion to roll back to")
     target = stack[-1]
-    who, at = _who(), _now()
+    who, at = current_user(), _now()
     c.set_registered_model_alias(name, "champion", target)
     for k, v in {"ftlib.rolled_back_by": who, "ftlib.rolled_back_at": at, "ftlib.rollback_reason": reason or "(none given)",
                  "ftlib.rolled_back_to": target}.items():

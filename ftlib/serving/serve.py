@@ -1,6 +1,6 @@
 """Deploy: the registered model as an MLflow pyfunc, and a small OpenAI-compatible HTTP server.
 
-`FtlibModel` is the pyfunc every registered version carries (ftlib/pyfunc_model.py
+`FtlibModel` is the pyfunc every registered version carries (ftlib/serving/pyfunc_model.py
 logs it as code). `predict(["text", ...])` returns one answer per text: for a
 classification model the declared label it finds most likely (log-likelihood of each
 label, never off-label; params={"mode": "generate"} reads it out of a greedy answer
@@ -36,7 +36,7 @@ RUNTIMES = ("transformers", "llama.cpp")
 
 def conversation(item: Any, config: dict[str, Any]) -> list[dict[str, str]]:
     """One request item -> the messages the model was trained on (ending with the user turn)."""
-    from ftlib.generate import user_messages
+    from ftlib.serving.generate import user_messages
 
     if isinstance(item, dict) and isinstance(item.get("messages"), list):
         msgs = [{"role": m["role"], "content": m["content"]} for m in item["messages"]]
@@ -54,8 +54,8 @@ class FtlibModel(mlflow.pyfunc.PythonModel):
     """Base model + LoRA adapter (transformers), or the shipped GGUF (llama.cpp, model_config runtime)."""
 
     def load_context(self, context: Any) -> None:
-        from ftlib.generate import GGUFPredictor, HFPredictor
-        from ftlib.models import load_model, load_tokenizer
+        from ftlib.serving.generate import GGUFPredictor, HFPredictor
+        from ftlib.core.models import load_model, load_tokenizer
 
         self.config = dict(context.model_config or {})
         runtime = self.config.get("runtime", "transformers")
@@ -80,7 +80,7 @@ class FtlibModel(mlflow.pyfunc.PythonModel):
         most likely (log p(label + EOS | prompt)), so a request never gets an off-label
         answer; `generate` reads the label out of a greedy answer as `ftlib evaluate` does.
         """
-        from ftlib.generate import extract_label
+        from ftlib.serving.generate import extract_label
 
         labels = self.config.get("labels") or []
         mode = mode or ("loglik" if labels else "generate")
@@ -100,16 +100,6 @@ class FtlibModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         rows = self.answer([conversation(x, self.config) for x in items], params.get("max_new_tokens"), params.get("mode"))
         return [r["label"] if r["label"] is not None else r["text"] for r in rows]
-
-
-def load(uri: str, runtime: str = "transformers") -> tuple[FtlibModel, Any]:
-    """(the unwrapped pyfunc, its ModelVersion): the alias is resolved now, at load time."""
-    from ftlib.register import client, get_version, local_copy
-
-    mv = get_version(client(), uri)
-    local = local_copy(f"models:/{mv.name}/{mv.version}")
-    pyfunc = mlflow.pyfunc.load_model(str(local), model_config={"runtime": runtime})
-    return pyfunc.unwrap_python_model(), mv
 
 
 def make_handler(model: FtlibModel, mv: Any, uri: str, runtime: str) -> type[BaseHTTPRequestHandler]:
@@ -171,11 +161,9 @@ def make_handler(model: FtlibModel, mv: Any, uri: str, runtime: str) -> type[Bas
     return Handler
 
 
-def serve(uri: str, host: str = "127.0.0.1", port: int = 8080, runtime: str = "transformers") -> None:
-    """Resolve, load and serve until interrupted."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime: one of {RUNTIMES}, got {runtime!r}")
-    model, mv = load(uri, runtime)
+def serve(model: FtlibModel, mv: Any, uri: str, host: str = "127.0.0.1", port: int = 8080,
+          runtime: str = "transformers") -> None:
+    """Serve a loaded registered version (ftlib.registry.pull.load_version) until interrupted."""
     httpd = HTTPServer((host, port), make_handler(model, mv, uri, runtime))
     print(f"serving {uri} -> {mv.name} v{mv.version} ({runtime}) on http://{host}:{httpd.server_port}", flush=True)
     try:
@@ -184,25 +172,3 @@ def serve(uri: str, host: str = "127.0.0.1", port: int = 8080, runtime: str = "t
         pass
     finally:
         httpd.server_close()
-
-
-def pull_gguf(uri: str, out_dir: Path) -> list[Path]:
-    """A version's shipped GGUF files and their Modelfile into out_dir: ready for
-    `ollama create NAME -f Modelfile` or `python -m llama_cpp.server --model FILE.gguf`."""
-    import shutil
-    import tempfile
-
-    from ftlib.register import RegistryError, client, get_version
-
-    mv = get_version(client(), uri)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="gguf", dst_path=tmp))
-        except Exception as e:  # noqa: BLE001  (MLflow raises several types for a missing path)
-            raise RegistryError(f"{uri}: v{mv.version} has no GGUF artifacts (none passed the benchmark's parity rule?): {e}") from None
-        files = []
-        for f in sorted(got.iterdir()):
-            shutil.move(str(f), out_dir / f.name)
-            files.append(out_dir / f.name)
-    return files
