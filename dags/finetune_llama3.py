@@ -39,13 +39,15 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
 
 
 def _path(project_dir: str, p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() else Path(project_dir) / path
+    """A form path, confined to the project dir, the ftlib cache and the temp dir (untrusted input)."""
+    from ftlib.airflow.orchestrate import form_path
+
+    return form_path(project_dir, p)
 
 
 def _rel(project_dir: str, p: str | Path) -> str:
     """A path as the pod sees it: relative to the project dir (mounted as the pod's workdir)."""
-    return os.path.relpath(_path(project_dir, str(p)), project_dir)
+    return os.path.relpath(_path(project_dir, str(p)), Path(project_dir).resolve())
 
 
 def _airflow_ids() -> dict[str, str]:

@@ -138,7 +138,7 @@ def test_dangling_symlink_is_unreadable(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_read_error_midway_is_unreadable(tmp_path, tokenizer):
     """Works as root: reading /proc/self/mem at offset 0 fails with EIO after a successful open.
-    (validate_paths directly: the CLI refuses paths outside the project and temp dirs.)"""
+    (validate_paths directly, on files anywhere.)"""
     params = load_params(None, ["validate.data_docs=false"])
     result = validate_paths([Path("/proc/self/mem")], params, tmp_path / "v", tokenizer=tokenizer)
     assert [str(i) for i in result.issues] == ["/proc/self/mem:0: unreadable: Input/output error"]

@@ -284,3 +284,20 @@ def gpu_pod(task_id: str, args: list[str], gpus: int = 1) -> Any:
         get_logs=True,
         startup_timeout_seconds=1800,  # GPU nodes may have to scale up first
     )
+
+
+def form_path(project_dir: str, p: str, extra_roots: tuple[str, ...] | None = None) -> Path:
+    """A path from the DAG's trigger form or the REST API (untrusted input), relative to project_dir, resolved
+    (symlinks, ..) and refused (PathError) unless it lies in the project dir, the ftlib cache, the system temp
+    dir or `extra_roots` (params.yaml `paths.allowed_roots`). The CLI, run by a local user on their own files,
+    does not confine; this does."""
+    from ftlib.core.security import allowed_roots, confine
+
+    if extra_roots is None:  # the project's own params.yaml (a file on disk, not the form) may add roots
+        import yaml
+
+        file = Path(project_dir) / "params.yaml"
+        raw = yaml.safe_load(file.read_text()) if file.is_file() else None
+        extra_roots = tuple(((raw or {}).get("paths") or {}).get("allowed_roots") or ())
+    path = Path(p).expanduser()
+    return confine(path if path.is_absolute() else Path(project_dir) / path, allowed_roots(project_dir, extra_roots))

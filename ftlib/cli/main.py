@@ -53,23 +53,7 @@ def _params(path: Path, overrides: Optional[list[str]]):
     except ConfigError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    _confine(params, params.base_model)
     return params
-
-
-def _confine(params, *paths) -> None:
-    """Exit 2 when a data/model/output path (Path) or a local --model string resolves outside the
-    allowed roots (ftlib.core.security.confine; params None = the roots of ./params.yaml)."""
-    from ftlib.core.security import PathError, allowed_roots, confine, is_local_path
-
-    roots = allowed_roots((params or _params(Path("params.yaml"), None)).paths.allowed_roots)
-    try:
-        for p in paths:
-            if isinstance(p, Path) or (isinstance(p, str) and is_local_path(p)):
-                confine(p, roots)
-    except PathError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
 
 
 @contextmanager
@@ -124,7 +108,8 @@ def _rules_table(result) -> Table | None:
 @app.command()
 def validate(
     paths: list[Path] = typer.Argument(..., help="JSONL files or directories of *.jsonl files."),
-    report_dir: Optional[Path] = typer.Option(Path("data/validated"), "--report-dir", help="Where report.json, quarantine.jsonl and data_docs/ go."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where report.json, quarantine.jsonl and data_docs/ go. "
+                                              "Default: data/validated when validating the pipeline's data/raw, else nothing is written."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print; write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     params_file: Path = ParamsOpt,
@@ -132,7 +117,7 @@ def validate(
 ) -> None:
     """Check instruction data (alpaca or chat JSONL) against the data contract, with Great Expectations.
 
-    Every problem prints as FILE:LINE: RULE: message (LINE 0 = whole file). Exit 0 valid, 1 invalid data, 2 usage error. Raw files are never modified; bad rows are copied with their reasons to quarantine.jsonl.
+    Every problem prints as FILE:LINE: RULE: message (LINE 0 = whole file). Exit 0 valid, 1 invalid data, 2 usage error. Raw files are never modified; bad rows are copied with their reasons to quarantine.jsonl. Checking a file outside data/raw writes nothing unless --report-dir says where (the pipeline's data/validated stays as the last pipeline run left it).
 
     [b]Examples[/]
 
@@ -148,7 +133,11 @@ def validate(
     from ftlib.stages.validate import UsageError, validate_paths
 
     params = _params(params_file, overrides)
-    _confine(params, *paths, report_dir)
+    skipped = False  # an ad-hoc check outside data/raw must not overwrite the pipeline's data/validated
+    if report_dir is None and not no_report:
+        pipeline = all(p.resolve().is_relative_to(Path("data/raw").resolve()) for p in paths)
+        report_dir = Path("data/validated") if pipeline else None
+        no_report = skipped = not pipeline
     try:
         with _progress() as tick:
             result = validate_paths(paths, params, None if no_report else report_dir, progress=tick)
@@ -165,6 +154,8 @@ def validate(
         verdict = "[green]valid[/]" if result.ok else "[red]INVALID[/]"
         out.print(f"{verdict}: {result.n_valid} usable examples, {len(result.errors)} errors, "
                   f"{len(result.warnings)} warnings in {result.elapsed_s:.1f}s")
+        if skipped:
+            out.print("no report written (the input is not the pipeline's data/raw; --report-dir DIR writes one)")
         if not no_report:
             out.print(f"report: {report_dir / 'report.json'}  quarantine: {report_dir / 'quarantine.jsonl'}"
                       + (f"  data docs: {report_dir / 'data_docs' / 'index.html'}" if params.validate.data_docs else ""))
@@ -195,7 +186,6 @@ def split(
     from ftlib.stages.validate import UsageError
 
     params = _params(params_file, overrides)
-    _confine(params, *(paths or []), out_dir)
     try:
         with _progress() as tick:
             result = split_paths(paths or [Path("data/raw")], params, out_dir, progress=tick)
@@ -283,7 +273,6 @@ def train(
     from ftlib.stages.train import train as run_train
 
     params = _params(params_file, overrides)
-    _confine(params, data_dir, reports_dir, Path(params.train.output_dir), Path(params.train.checkpoint_dir))
     try:
         result = run_train(params, data_dir, reports_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -355,7 +344,6 @@ def generate(
     from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    _confine(params, model)
     try:
         predictor = load_predictor(model, params.template)
     except (ModelError, OSError, ValueError) as e:
@@ -398,7 +386,6 @@ def merge(
     from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    _confine(params, model, out_dir)
     try:
         path = merge_adapter(model, out_dir, dtype, params.allow_pickle_weights)
     except (ValueError, ModelError) as e:
@@ -424,7 +411,6 @@ def prune(
     from ftlib.core.models import ModelError
     from ftlib.stages.prune import prune_model
 
-    _confine(None, model, out_dir)
     try:
         r = prune_model(model, amount, out_dir)
     except (ValueError, ModelError) as e:
@@ -459,7 +445,6 @@ def distill(
     from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    _confine(params, teacher, student, data_dir, out_dir)
     try:
         r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
     except (ModelError, ValueError, FileNotFoundError, OSError) as e:
@@ -534,7 +519,6 @@ def evaluate(
     from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    _confine(params, model, data, json_out, plot, predictions)
     task = params.data.task
     if mode not in ("generate", "loglik"):
         err.print(f"[red]error:[/] --mode: generate or loglik, got {mode!r}")
@@ -603,7 +587,6 @@ def review_export(
     from ftlib.stages.review import export_sheet
 
     params = _params(params_file, overrides)
-    _confine(params, model, data, sheet)
     if not data.is_file():
         err.print(f"[red]error:[/] {data}: no such file")
         raise typer.Exit(2)
@@ -639,7 +622,6 @@ def review_import(
     """
     from ftlib.stages.review import SheetError, import_sheet
 
-    _confine(None, sheet, model)
     try:
         r = import_sheet(sheet, model, allow_missing)
     except SheetError as e:
@@ -685,7 +667,6 @@ def quantize(
     from ftlib.stages.quantize import quantize as run_quantize
 
     params = _params(params_file, overrides)
-    _confine(params, model, out_dir, merged_dir)
     try:
         manifest = run_quantize(model, out_dir, merged_dir, variants or params.quantize.variants, params.quantize.merged_dtype,
                                 progress=lambda msg: err.print(f"[dim]{msg}[/]"), allow_pickle_weights=params.allow_pickle_weights)
@@ -726,7 +707,6 @@ def benchmark(
     from ftlib.stages.benchmark import table
 
     params = _params(params_file, overrides)
-    _confine(params, adapter, quantized, data_dir, json_out)
     try:
         result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base,
                                progress=lambda msg: err.print(f"[dim]{msg}[/]"))
@@ -784,7 +764,6 @@ def gate(
     from ftlib.registry.register import gate as run_gate
 
     params = _params(params_file, overrides)
-    _confine(params, metrics, adapter, data_dir, json_out)
     try:
         g = run_gate(params, metrics, data_dir, adapter, json_out)
     except _registry_errors() as e:
@@ -826,7 +805,6 @@ def register(
     from ftlib.registry.register import register as run_register
 
     params = _params(params_file, overrides)
-    _confine(params, adapter, data_dir, reports, quantized, merged, validation_report, json_out)
     try:
         r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
                          log=lambda m: err.print(f"[dim]{m}[/]"))
@@ -939,7 +917,6 @@ def models_pull(
     """
     from ftlib.registry.pull import pull_gguf
 
-    _confine(None, out_dir)
     try:
         files = pull_gguf(uri, out_dir)
     except _registry_errors() as e:
@@ -968,7 +945,6 @@ def lineage(
     from ftlib.core import lineage as lin
     from ftlib.registry.register import client, get_version
 
-    _confine(None, data_dir)
     try:
         c = client()
         mv = get_version(c, uri)

@@ -202,8 +202,9 @@ class RegisterConfig:
 @dataclass
 class PathsConfig:
     allowed_roots: list[str] = field(default_factory=list)
-    """Directories (besides the project dir, the ftlib cache and the system temp dir) that data, model
-    and output paths may resolve into; a path outside every root is refused (exit 2). ~ and $VARS expand."""
+    """Directories (besides the project dir, the ftlib cache and the system temp dir) that paths from the DAG's
+    trigger form / REST API may resolve into; one outside every root fails the task. ~ and $VARS expand.
+    The CLI, run by a local user on their own files, is not confined."""
 
 
 @dataclass

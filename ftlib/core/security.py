@@ -37,9 +37,9 @@ class UnsafeModel(ModelError):
 # ---------------------------------------------------------------------------
 # Paths
 
-def allowed_roots(extra: Iterable[str] = ()) -> list[Path]:
-    """The project dir (cwd), the ftlib cache, the system temp dir, then `extra` (~ and $VARS expanded)."""
-    roots = [Path.cwd(), cache_dir(), Path(tempfile.gettempdir())]
+def allowed_roots(project: str | Path, extra: Iterable[str] = ()) -> list[Path]:
+    """The project dir, the ftlib cache, the system temp dir, then `extra` (~ and $VARS expanded)."""
+    roots = [Path(project), cache_dir(), Path(tempfile.gettempdir())]
     roots += [Path(os.path.expandvars(str(r))).expanduser() for r in extra]
     return [r.resolve() for r in roots]
 
@@ -52,13 +52,6 @@ def confine(path: str | Path, roots: Iterable[Path]) -> Path:
         return resolved
     raise PathError(f"{path}: resolves to {resolved}, outside the allowed roots ({', '.join(map(str, roots))}); "
                     f"add a root to params.yaml `{ROOTS_SETTING}` to allow it")
-
-
-def is_local_path(model: str) -> bool:
-    """A --model/base_model string meant as a local path (not embedded:, models:/ or a hub id org/name)."""
-    if model.startswith(("embedded:", "models:/")):
-        return False
-    return model.startswith((".", "/", "~")) or os.path.lexists(Path(model).expanduser()) or model.count("/") != 1
 
 
 # ---------------------------------------------------------------------------
