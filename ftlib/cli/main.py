@@ -5,13 +5,16 @@ Exit codes (DESIGN.md): 0 ok, 1 invalid data, 2 usage error.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -46,13 +49,9 @@ def main(
 
 
 def _params(path: Path, overrides: Optional[list[str]]):
-    from ftlib.core.config import ConfigError, load_params
+    from ftlib.core.config import load_params
 
-    try:
-        params = load_params(path, overrides or [])
-    except ConfigError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    params = load_params(path, overrides or [])
     return params
 
 
@@ -129,8 +128,7 @@ def validate(
 
       ftlib validate data/raw -o validate.duplicates=warning
     """
-    from ftlib.core.models import ModelError
-    from ftlib.stages.validate import UsageError, validate_paths
+    from ftlib.stages.validate import validate_paths
 
     params = _params(params_file, overrides)
     skipped = False  # an ad-hoc check outside data/raw must not overwrite the pipeline's data/validated
@@ -138,12 +136,8 @@ def validate(
         pipeline = all(p.resolve().is_relative_to(Path("data/raw").resolve()) for p in paths)
         report_dir = Path("data/validated") if pipeline else None
         no_report = skipped = not pipeline
-    try:
-        with _progress() as tick:
-            result = validate_paths(paths, params, None if no_report else report_dir, progress=tick)
-    except (UsageError, ModelError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    with _progress() as tick:
+        result = validate_paths(paths, params, None if no_report else report_dir, progress=tick)
     if json_out and not no_report:
         out.print_json((report_dir / "report.json").read_text(encoding="utf-8"))
     else:
@@ -181,21 +175,11 @@ def split(
 
       ftlib split data/raw -o split.train=0.7 -o split.validation=0.15 -o split.test=0.15
     """
-    from ftlib.core.models import ModelError
-    from ftlib.stages.split import SPLITS, InvalidData, split_paths
-    from ftlib.stages.validate import UsageError
+    from ftlib.stages.split import SPLITS, split_paths
 
     params = _params(params_file, overrides)
-    try:
-        with _progress() as tick:
-            result = split_paths(paths or [Path("data/raw")], params, out_dir, progress=tick)
-    except (UsageError, ModelError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
-    except InvalidData as e:
-        _print_issues(e.result)
-        out.print(f"[red]refused:[/] {e}")
-        raise typer.Exit(1)
+    with _progress() as tick:
+        result = split_paths(paths or [Path("data/raw")], params, out_dir, progress=tick)
 
     table = Table(title=f"split -> {result.out_dir}")
     table.add_column("split")
@@ -214,32 +198,6 @@ def split(
         out.print(f"dropped {result.duplicates_dropped} exact duplicate(s) (validate.duplicates=warning)")
     for s in SPLITS:
         out.print(f"wrote {Path(result.out_dir) / f'{s}.jsonl'}")
-
-
-def _compare_on_test(params, data_dir: Path, adapter: str, progress) -> dict:
-    """Test-split accuracy of the base model and of the fine-tuned one (classification data).
-
-    A PEFT adapter carries its base: the base is scored with the adapter switched off,
-    so the model is loaded once.
-    """
-    from ftlib.core.formats import read_examples
-    from ftlib.serving.generate import classification_accuracy
-    from ftlib.core.models import load_model
-
-    test = read_examples(data_dir / "test.jsonl")
-
-    def score(model, tok):
-        return classification_accuracy(model, tok, test, params.data.labels, params.template, progress=progress)
-
-    tuned, tok = load_model(adapter, allow_pickle_weights=params.allow_pickle_weights)
-    scores = {"fine-tuned": score(tuned, tok)}
-    if hasattr(tuned, "disable_adapter"):
-        with tuned.disable_adapter():
-            scores["base"] = score(tuned, tok)
-    else:  # full fine-tuning wrote a whole model
-        del tuned
-        scores["base"] = score(*load_model(params.base_model, allow_pickle_weights=params.allow_pickle_weights))
-    return scores
 
 
 @app.command()
@@ -268,46 +226,33 @@ def train(
 
       ftlib train -o train.max_steps=60 -o train.lr_scheduler_type=cosine --no-compare
     """
-    import json as _json
-
     from ftlib.stages.train import train as run_train
 
     params = _params(params_file, overrides)
-    try:
-        result = run_train(params, data_dir, reports_dir)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2 if isinstance(e, FileNotFoundError) else 1)
-    metrics = {"method": result.method, "global_step": result.global_step, "train_examples_per_s": result.examples_per_s,
-               "train_seconds": result.seconds, "eval_loss": result.metrics.get("eval_loss"),
-               **{k: result.metrics[f"eval_{k}"] for k in ("accuracy", "f1_macro", "min_recall") if f"eval_{k}" in result.metrics},
-               "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id}
+    bars, ticks = ExitStack(), []
+
+    def scored(n: int) -> None:  # the bar starts with the test scoring, after the Trainer's own progress bars
+        if not ticks:
+            ticks.append(bars.enter_context(_progress()))
+        ticks[0]("scoring test split", n, 2 * _count_lines(data_dir / "test.jsonl"))
+
+    with bars:
+        result = run_train(params, data_dir, reports_dir, compare_on_test=compare, progress=scored)
     table = Table(title=f"trained -> {result.output_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    if compare and params.data.task == "classification" and (data_dir / "test.jsonl").is_file():
-        with _progress() as tick:
-            scores = _compare_on_test(params, data_dir, result.output_dir, lambda n: tick("scoring test split", n, 2 * _count_lines(data_dir / "test.jsonl")))
-        metrics |= {"base_test_accuracy": round(scores["base"]["accuracy"], 4), "test_accuracy": round(scores["fine-tuned"]["accuracy"], 4),
-                    "test_n": scores["base"]["n"], "base_off_label": scores["base"]["off_label"], "off_label": scores["fine-tuned"]["off_label"]}
-        import mlflow
-
-        if result.mlflow_run_id:
-            with mlflow.start_run(run_id=result.mlflow_run_id):
-                mlflow.log_metrics({k: metrics[k] for k in ("base_test_accuracy", "test_accuracy")})
-    for k, v in metrics.items():
+    for k, v in result.summary.items():
         if v is not None:
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     if result.resumed_from:
         table.add_row("resumed from", result.resumed_from)
     for b in result.oom_backoffs:
-        table.add_row("OOM back-off", f"batch {b['from_batch']}x{b['from_accum']} -> {b['to_batch']}x{b['to_accum']}")
+        table.add_row("OOM back-off", ", ".join(f"{k} {v}" for k, v in b.items()))
     out.print(table)
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "train_metrics.json").write_text(_json.dumps(metrics, indent=2) + "\n")
-    if "test_accuracy" in metrics:
-        out.print(f"test accuracy: base {metrics['base_test_accuracy']:.3f} -> fine-tuned {metrics['test_accuracy']:.3f} (n={metrics['test_n']})")
-    out.print(f"wrote {result.output_dir}/, {reports_dir / 'train_loss.csv'}, {reports_dir / 'train_metrics.json'}")
+    if "test_accuracy" in result.summary:
+        m = result.summary
+        out.print(f"test accuracy: base {m['base_test_accuracy']:.3f} -> fine-tuned {m['test_accuracy']:.3f} (n={m['test_n']})")
+    out.print(f"wrote {result.output_dir}/" + (f", {reports_dir / 'train_loss.csv'}, {reports_dir / 'train_metrics.json'}" if reports_dir else ""))
 
 
 def _count_lines(path: Path) -> int:
@@ -341,19 +286,13 @@ def generate(
     """
     from ftlib.serving.generate import HFPredictor, load_predictor, user_messages
     from ftlib.serving.generate import generate as run_generate
-    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    try:
-        predictor = load_predictor(model, params.template)
-    except (ModelError, OSError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    predictor = load_predictor(model, params.template)
     messages = [user_messages(instruction, input_text, system)]
     if not isinstance(predictor, HFPredictor):  # GGUF on llama.cpp: greedy, printed when done
         if temperature > 0:
-            err.print("[red]error:[/] GGUF models are served greedily here; use --temperature 0 (or Ollama for sampling)")
-            raise typer.Exit(2)
+            raise ValueError("GGUF models are served greedily here; use --temperature 0 (or Ollama for sampling)")
         out.print(predictor.generate(messages, max_new_tokens=max_new_tokens)[0].text, markup=False)
         return
     from transformers import TextStreamer
@@ -383,14 +322,9 @@ def merge(
       ftlib merge --model models/adapter --out models/merged --dtype bfloat16
     """
     from ftlib.stages.merge import merge_adapter
-    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    try:
-        path = merge_adapter(model, out_dir, dtype, params.allow_pickle_weights)
-    except (ValueError, ModelError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    path = merge_adapter(model, out_dir, dtype, params.allow_pickle_weights)
     out.print(f"wrote {path}/ ({sum(p.stat().st_size for p in path.glob('*.safetensors')) / 2**20:,.1f} MiB safetensors, {dtype})")
 
 
@@ -408,14 +342,9 @@ def prune(
 
       ftlib prune -m embedded:smollm2-135m-instruct --amount 0.5 --out /tmp/pruned
     """
-    from ftlib.core.models import ModelError
     from ftlib.stages.prune import prune_model
 
-    try:
-        r = prune_model(model, amount, out_dir)
-    except (ValueError, ModelError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    r = prune_model(model, amount, out_dir)
     out.print(f"pruned {r.layers} linear layers by {r.amount:.0%}: sparsity {r.sparsity:.3f} in those layers, "
               f"{r.total_sparsity:.3f} of all parameters -> {r.out_dir}/")
 
@@ -442,14 +371,9 @@ def distill(
       ftlib distill --teacher models/merged --student /models/small --temperature 2 --alpha 0.5 --max-steps 200
     """
     from ftlib.stages.distill import distill as run_distill
-    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
-    try:
-        r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
-    except (ModelError, ValueError, FileNotFoundError, OSError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    r = run_distill(params, teacher, student, out_dir, data_dir, temperature, alpha, student_layers, max_steps)
     out.print(f"distilled {r.teacher_params / 1e6:.1f}M -> {r.student_params / 1e6:.1f}M parameters in {r.global_step} steps "
               f"(final loss {r.final_loss:.3f}) -> {r.out_dir}/")
 
@@ -512,41 +436,21 @@ def evaluate(
 
       ftlib evaluate -m models/merged --data data/samples/python_code.jsonl --json /tmp/code.json -o data.task=code
     """
-    import json as _json
-
-    from ftlib.stages.evaluate import InvalidData, plot_confusion
     from ftlib.stages.evaluate import evaluate as run_evaluate
-    from ftlib.core.models import ModelError
 
     params = _params(params_file, overrides)
     task = params.data.task
     if mode not in ("generate", "loglik"):
-        err.print(f"[red]error:[/] --mode: generate or loglik, got {mode!r}")
-        raise typer.Exit(2)
+        raise ValueError(f"--mode: generate or loglik, got {mode!r}")
     if task != "classification" and (mode == "loglik" or plot is not None):
-        err.print(f"[red]error:[/] {'--mode loglik' if mode == 'loglik' else '--plot'} needs classification data (data.task is {task})")
-        raise typer.Exit(2)
+        raise ValueError(f"{'--mode loglik' if mode == 'loglik' else '--plot'} needs classification data (data.task is {task})")
     if not data.is_file():
-        err.print(f"[red]error:[/] {data}: {'is a directory, expected a .jsonl file' if data.is_dir() else 'no such file'}")
-        raise typer.Exit(2)
-    try:
-        m = run_evaluate(model, data, labels=params.data.labels, task=task, mode=mode, template=params.template,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, predictions_csv=predictions)
-    except InvalidData as e:
-        out.print(str(e), markup=False)
-        out.print(f"[red]refused:[/] {data} is not valid data; run `ftlib validate {data}`")
-        raise typer.Exit(1)
-    except (ModelError, OSError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+        raise ValueError(f"{data}: {'is a directory, expected a .jsonl file' if data.is_dir() else 'no such file'}")
+    m = run_evaluate(model, data, labels=params.data.labels, task=task, mode=mode, template=params.template,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, predictions_csv=predictions,
+                     metrics_json=json_out, confusion_png=plot)
     metrics = {k: v for k, v in m.items() if k != "predictions"}
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(_json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    written = [json_out]
-    if plot is not None:
-        written.append(plot_confusion(metrics, plot))
-    if predictions is not None:
-        written.append(predictions)
+    written = [p for p in (json_out, plot, predictions) if p is not None]
     for table in _metrics_tables(metrics):
         out.print(table)
     out.print(f"wrote {', '.join(str(p) for p in written)}")
@@ -583,24 +487,17 @@ def review_export(
 
       ftlib review export --model models/merged --data data/splits/test.jsonl --out reports/review.html
     """
-    from ftlib.core.models import ModelError
     from ftlib.stages.review import export_sheet
 
     params = _params(params_file, overrides)
     if not data.is_file():
-        err.print(f"[red]error:[/] {data}: no such file")
-        raise typer.Exit(2)
+        raise ValueError(f"{data}: no such file")
     if n < 1:
-        err.print("[red]error:[/] -n: sample at least one example")
-        raise typer.Exit(2)
+        raise ValueError("-n: sample at least one example")
     total = min(n, _count_lines(data))
-    try:
-        with _progress() as tick:
-            path = export_sheet(model, data, sheet, n=n, seed=seed, template=params.template, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, progress=lambda k: tick("generating answers", k, total))
-    except (ModelError, OSError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    with _progress() as tick:
+        path = export_sheet(model, data, sheet, n=n, seed=seed, template=params.template, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, progress=lambda k: tick("generating answers", k, total))
     out.print(f"wrote {path} ({total} rows); fill the `rating` column (1-5), then: ftlib review import {path} --model {model}")
 
 
@@ -620,21 +517,9 @@ def review_import(
 
       ftlib review import ~/Downloads/review.csv --model models/merged --allow-missing
     """
-    from ftlib.stages.review import SheetError, import_sheet
+    from ftlib.stages.review import import_sheet
 
-    try:
-        r = import_sheet(sheet, model, allow_missing)
-    except SheetError as e:
-        if e.issues[0].rule == "not-a-file":
-            err.print(f"[red]error:[/] {sheet}: no such file")
-            raise typer.Exit(2)
-        for issue in e.issues:
-            out.print(str(issue), markup=False)
-        out.print(f"[red]refused:[/] {len(e.issues)} problem(s) in {sheet}; nothing logged")
-        raise typer.Exit(1)
-    except ValueError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    r = import_sheet(sheet, model, allow_missing)
     spread = "  ".join(f"{k}: {v}" for k, v in r.distribution.items())
     verb = "already logged" if r.already_logged else "logged"
     out.print(f"mean rating {r.mean:.2f}/5 over {len(r.ratings)} rows ({spread}); {verb} to MLflow run {r.run_id}"
@@ -662,17 +547,11 @@ def quantize(
 
       ollama create sentiment -f models/quantized/Modelfile && ollama run sentiment
     """
-    from ftlib.core.models import ModelError
-    from ftlib.stages.quantize import QuantizeError
     from ftlib.stages.quantize import quantize as run_quantize
 
     params = _params(params_file, overrides)
-    try:
-        manifest = run_quantize(model, out_dir, merged_dir, variants or params.quantize.variants, params.quantize.merged_dtype,
-                                progress=lambda msg: err.print(f"[dim]{msg}[/]"), allow_pickle_weights=params.allow_pickle_weights)
-    except (QuantizeError, ModelError, ValueError, OSError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    manifest = run_quantize(model, out_dir, merged_dir, variants or params.quantize.variants, params.quantize.merged_dtype,
+                            progress=lambda msg: err.print(f"[dim]{msg}[/]"), allow_pickle_weights=params.allow_pickle_weights)
     from ftlib.stages.benchmark import size_mb
 
     table = Table(title="variants")
@@ -707,12 +586,8 @@ def benchmark(
     from ftlib.stages.benchmark import table
 
     params = _params(params_file, overrides)
-    try:
-        result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base,
-                               progress=lambda msg: err.print(f"[dim]{msg}[/]"))
-    except (FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base,
+                           progress=lambda msg: err.print(f"[dim]{msg}[/]"))
     Console(width=max(out.width, 150)).print(table(result))
     if result["ratio"]:
         out.print(f"Q8_0 GGUF decode tokens/s over fp32 transformers: {result['ratio']:.1f}x")
@@ -733,13 +608,6 @@ def _gate_table(g) -> Table:
         t.add_row(c["name"], f"{c['candidate']:.3f}", "-" if c["reference"] is None else f"{c['reference']:.3f}",
                   f">= {c['required']:.3f}", "[green]ok[/]" if c["passed"] else "[red]fails[/]")
     return t
-
-
-def _registry_errors():
-    from ftlib.core.models import ModelError
-    from ftlib.registry.register import RegistryError
-
-    return (RegistryError, ModelError, FileNotFoundError)
 
 
 @app.command()
@@ -764,11 +632,7 @@ def gate(
     from ftlib.registry.register import gate as run_gate
 
     params = _params(params_file, overrides)
-    try:
-        g = run_gate(params, metrics, data_dir, adapter, json_out)
-    except _registry_errors() as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    g = run_gate(params, metrics, data_dir, adapter, json_out)
     _wide(_gate_table(g))
     for r in g.reasons:
         out.print(f"[red]refused:[/] {r}")
@@ -805,18 +669,8 @@ def register(
     from ftlib.registry.register import register as run_register
 
     params = _params(params_file, overrides)
-    try:
-        r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
-                         log=lambda m: err.print(f"[dim]{m}[/]"))
-    except _registry_errors() as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
-    if json_out is not None:
-        import json as _json
-
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(_json.dumps({"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
-                                         "uri": f"models:/{r.name}/{r.version}" if r.version else None}, indent=2) + "\n")
+    r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
+                     log=lambda m: err.print(f"[dim]{m}[/]"), record=json_out)
     if r.gate is not None:
         _wide(_gate_table(r.gate))
     for m in r.messages:
@@ -851,23 +705,18 @@ def promote(
     from ftlib.registry.promote import rollback as run_rollback
     from ftlib.registry.register import client
 
-    try:
-        c = client()
-        if rollback:
-            if version or alias:
-                err.print("[red]error:[/] --rollback takes no --version/--alias")
-                raise typer.Exit(2)
-            r = run_rollback(c, name, reason)
-            out.print(f"[green]rolled back:[/] {name} @champion v{r['previous']} -> v{r['version']}")
+    c = client()
+    if rollback:
+        if version or alias:
+            raise ValueError("--rollback takes no --version/--alias")
+        r = run_rollback(c, name, reason)
+        out.print(f"[green]rolled back:[/] {name} @champion v{r['previous']} -> v{r['version']}")
+    else:
+        r = run_promote(c, name, version, alias, reason, force)
+        if not r["changed"]:
+            out.print(f"{name} v{r['version']} is already @champion; nothing changed")
         else:
-            r = run_promote(c, name, version, alias, reason, force)
-            if not r["changed"]:
-                out.print(f"{name} v{r['version']} is already @champion; nothing changed")
-            else:
-                out.print(f"[green]promoted:[/] {name} @champion -> v{r['version']}" + (f" (previous champion v{r['previous']} is @previous-champion)" if r["previous"] else ""))
-    except _registry_errors() as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+            out.print(f"[green]promoted:[/] {name} @champion -> v{r['version']}" + (f" (previous champion v{r['previous']} is @previous-champion)" if r["previous"] else ""))
 
 
 models_app = typer.Typer(help="Registered models: list versions with aliases, gate results, scores and data hashes.",
@@ -886,11 +735,7 @@ def models_list(name: str = typer.Argument(..., help="Registered model name.")) 
     from ftlib.registry.promote import versions
     from ftlib.registry.register import client
 
-    try:
-        rows = versions(client(), name)
-    except _registry_errors() as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    rows = versions(client(), name)
     t = Table(title=f"{name}: {len(rows)} version(s)")
     for col in ("version", "aliases", "gate", "score", "f1", "test md5", "train md5", "created (UTC)", "promoted", "run"):
         t.add_column(col)
@@ -917,11 +762,7 @@ def models_pull(
     """
     from ftlib.registry.pull import pull_gguf
 
-    try:
-        files = pull_gguf(uri, out_dir)
-    except _registry_errors() as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    files = pull_gguf(uri, out_dir)
     for f in files:
         out.print(f"{f}  ({f.stat().st_size / 2**20:,.1f} MiB)")
 
@@ -945,12 +786,8 @@ def lineage(
     from ftlib.core import lineage as lin
     from ftlib.registry.register import client, get_version
 
-    try:
-        c = client()
-        mv = get_version(c, uri)
-    except _registry_errors() as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    c = client()
+    mv = get_version(c, uri)
     info = lin.of(mv.tags)
     params = _json.loads(info.get("params", "{}"))
     train = params.get("train", {})
@@ -1016,12 +853,8 @@ def serve(
     from ftlib.registry.pull import load_version
     from ftlib.serving.serve import serve as run_serve
 
-    try:
-        loaded, mv = load_version(model, runtime)
-        run_serve(loaded, mv, model, host, port, runtime)
-    except (*_registry_errors(), ValueError, OSError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
+    loaded, mv = load_version(model, runtime)
+    run_serve(loaded, mv, model, host, port, runtime)
 
 
 @app.command("run")
@@ -1047,8 +880,7 @@ def run_pipeline(
     import yaml
 
     if not Path("dvc.yaml").is_file():
-        err.print("[red]error:[/] no dvc.yaml here; run from the project root")
-        raise typer.Exit(2)
+        raise ValueError("no dvc.yaml here; run from the project root")
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
@@ -1101,35 +933,83 @@ def run_pipeline(
         from ftlib.registry.register import register as run_register
 
         params = _params(Path("params.yaml"), None)
-        try:
-            r = run_register(params, log=lambda m: err.print(f"[dim]{m}[/]"))
-        except _registry_errors() as e:
-            err.print(f"[red]registration failed:[/] {e}")
-            raise typer.Exit(1)
+        r = run_register(params, log=lambda m: err.print(f"[dim]{m}[/]"))
         if r.gate is not None:
             _wide(_gate_table(r.gate))
         for m in r.messages:
             out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
         if r.status == "refused":
-            out.print(f"the decision and both scores are in MLflow run {r.run_id} and reports/gate.json; "
-                      "lower register.accuracy_threshold or improve the data/params and rerun")
+            out.print(f"the decision and every score are in MLflow run {r.run_id} and reports/gate.json; "
+                      "improve the data or the training params and rerun (docs/model-quality.md)")
         else:
             lineage(f"models:/{r.name}/{r.version}", check=False, data_dir=Path("data/splits"))
             out.print(f"promote it: ftlib promote {r.name} --version {r.version} --reason '...'")
     out.print("see also: dvc metrics show | dvc plots show | ftlib models list NAME | mlflow ui --backend-store-uri sqlite:///mlflow.db")
 
 
-def entrypoint() -> None:
-    """Entry point for `ftlib` and `python -m ftlib`: a full disk is a clear error (exit 1), not a traceback."""
-    from ftlib.core.atomic import DiskFullError, is_disk_full
+# ---------------------------------------------------------------------------
+# Errors -> exit codes, in one place. Every command runs through `_handled`: an error a user can act on
+# prints one message and exits with its code; anything else is a bug and keeps its traceback.
+#   0 done   1 the data, the model run or the disk failed   2 usage: a bad param, path, model or registry
+#   3 the gate refused (gate, register)      FTLIB_DEBUG=1 shows the traceback of every error.
 
-    try:
-        app()
-    except DiskFullError as e:
-        err.print(f"[red]error:[/] {e.strerror}", markup=True, highlight=False)
-        sys.exit(1)
-    except Exception as e:
-        if not is_disk_full(e):
+def exit_code(e: BaseException) -> int | None:
+    """The exit code of an error a user can act on; None for a bug."""
+    from ftlib.core.atomic import DiskFullError, is_disk_full
+    from ftlib.core.errors import InvalidData, ModelError
+    from ftlib.core.tracking import RegistryError
+
+    if isinstance(e, (InvalidData, DiskFullError)) or is_disk_full(e):
+        return 1
+    if isinstance(e, (ModelError, RegistryError, ValueError, OSError)):  # ConfigError, PathError, UsageError: ValueErrors
+        return 2
+    if isinstance(e, RuntimeError):  # a stage that could not finish (training, quantization) and says why
+        return 1
+    return None
+
+
+def _report(e: BaseException) -> None:
+    from ftlib.core.atomic import DiskFullError, is_disk_full
+    from ftlib.core.errors import InvalidData
+
+    if isinstance(e, InvalidData):  # the FILE:LINE: RULE: message lines, then one verdict
+        for issue in e.issues:
+            suffix = " (warning)" if getattr(issue, "severity", "error") == "warning" else ""
+            out.print(f"{issue}{suffix}", markup=False)
+        errors = sum(getattr(i, "severity", "error") != "warning" for i in e.issues)
+        verdict = (f"{e.path} is not valid data; run `ftlib validate {e.path}`" if e.path
+                   else f"{errors} problem(s); nothing written, nothing logged" if e.issues else str(e))
+        out.print(f"[red]refused:[/] {escape(verdict)}")
+    elif isinstance(e, DiskFullError):
+        err.print(f"[red]error:[/] {escape(e.strerror)}")
+    elif is_disk_full(e):
+        err.print(f"[red]error:[/] disk full: {escape(str(e))}")
+    else:
+        err.print(f"[red]error:[/] {escape(str(e))}")
+
+
+def _handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        err.print(f"[red]error:[/] disk full: {e}")
-        sys.exit(1)
+        except Exception as e:
+            code = exit_code(e)
+            if code is None or os.environ.get("FTLIB_DEBUG"):
+                raise
+            _report(e)
+            raise typer.Exit(code) from None
+
+    return run
+
+
+for _typer in (app, review_app, models_app):
+    for _info in _typer.registered_commands:
+        _info.callback = _handled(_info.callback)
+
+
+def entrypoint() -> None:
+    """Entry point for `ftlib` and `python -m ftlib`."""
+    app()

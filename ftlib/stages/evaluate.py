@@ -29,6 +29,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from ftlib.core.atomic import write_json
+from ftlib.core.errors import InvalidData  # noqa: F401  (re-exported: the data file cannot be read as examples)
 from ftlib.core.formats import Example, read_examples
 from ftlib.serving.generate import extract_label, load_predictor
 
@@ -37,8 +39,6 @@ Mode = Literal["generate", "loglik"]
 Task = Literal["classification", "generation", "code"]
 
 
-class InvalidData(ValueError):
-    """The data file cannot be read as examples (exit 1, like `validate`)."""
 
 
 # ---------------------------------------------------------------------------
@@ -222,8 +222,12 @@ def evaluate(
     max_new_tokens: int | None = None,
     predictions_csv: str | Path | None = None,
     progress: bool | Callable[[float], None] = True,
+    metrics_json: str | Path | None = None,
+    confusion_png: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score `model` on the examples of `data`; the metrics plus one dict per example under "predictions".
+    Writes, when given: predictions_csv (one row per example), metrics_json (the metrics without the
+    per-example rows, atomically) and confusion_png (classification).
 
     max_new_tokens defaults to the longest label + 8 tokens (room for "El sentimiento es
     POSITIVO") for classification and 256 for generation. `progress` is True for a rich
@@ -241,7 +245,7 @@ def evaluate(
     try:  # read the data before loading a model: a bad file fails in milliseconds
         examples = read_examples(data)
     except ValueError as e:
-        raise InvalidData(str(e)) from e
+        raise InvalidData(str(e), str(e).splitlines(), data) from e
 
     predictor = load_predictor(model, template)
     conversations = [e.prompt_messages for e in examples]
@@ -278,10 +282,15 @@ def evaluate(
     from ftlib.core.lineage import md5, weight_md5s
 
     # which weights and which test file these numbers belong to: the gate refuses metrics of another model
-    return {**metrics, "task": task, "mode": mode, "model": str(model), "data": str(data),
-            "model_files": weight_md5s(model), "data_md5": md5(Path(data)),
-            "runtime": predictor.runtime, "seconds": round(seconds, 2),
-            "examples_per_s": round(len(examples) / seconds, 3) if seconds > 0 else None, "predictions": rows}
+    result = {**metrics, "task": task, "mode": mode, "model": str(model), "data": str(data),
+              "model_files": weight_md5s(model), "data_md5": md5(Path(data)),
+              "runtime": predictor.runtime, "seconds": round(seconds, 2),
+              "examples_per_s": round(len(examples) / seconds, 3) if seconds > 0 else None}
+    if metrics_json is not None:
+        write_json(metrics_json, result)
+    if confusion_png is not None and task == "classification":
+        plot_confusion(result, confusion_png)
+    return {**result, "predictions": rows}
 
 
 def _prediction_rows(examples: list[Example], gold: list[str], predicted: list[str | None], answers: list[str]) -> list[dict[str, Any]]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from ftlib.core.atomic import replacing
 
 
 @dataclass
@@ -43,14 +44,11 @@ def prune_model(model_spec: str, amount: float = 0.3, out_dir: str | Path = "mod
     total = sum(p.numel() for p in model.parameters())
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     info = dict(train_info(model_spec) or {"template": "chat"})
     info.update({"method": "pruned", "pruned_from": model_spec, "prune_amount": amount,
                  "sparsity": zeros / weights})
-    (tmp / "ftlib_train.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replacing(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ftlib_train.json").write_text(json.dumps(info, indent=2) + "\n")
     return PruneResult(str(out), amount, len(layers), zeros / weights, total_zeros / total)

@@ -24,18 +24,18 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from ftlib.core.errors import InvalidData
 from ftlib.core.formats import Issue, read_examples
 
 COLUMNS = ["id", "line", "prompt", "expected", "predicted", "rating", "comment"]
 RATINGS = (1, 2, 3, 4, 5)
 
 
-class SheetError(ValueError):
+class SheetError(InvalidData):
     """A filled sheet that cannot be imported; `issues` say where and why."""
 
     def __init__(self, issues: list[Issue]):
-        self.issues = issues
-        super().__init__("\n".join(str(i) for i in issues))
+        super().__init__("\n".join(str(i) for i in issues), issues)
 
 
 @dataclass
@@ -181,7 +181,7 @@ def read_sheet(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, s
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except (FileNotFoundError, IsADirectoryError):
-        raise SheetError([Issue(name, 0, "not-a-file", "no such file")]) from None
+        raise FileNotFoundError(f"{name}: no such file") from None
     except OSError as e:
         raise SheetError([Issue(name, 0, "unreadable", e.strerror or str(e))]) from None
     except UnicodeDecodeError as e:

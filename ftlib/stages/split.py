@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ftlib.core import errors
 from ftlib.core.config import Params
 from ftlib.core.formats import Row
 from ftlib.stages.validate import CHUNK_ROWS, ValidationResult, prompt_key, validate_paths
@@ -30,11 +31,11 @@ from ftlib.stages.validate import CHUNK_ROWS, ValidationResult, prompt_key, vali
 SPLITS = ("train", "validation", "test")
 
 
-class InvalidData(RuntimeError):
-    """The input failed validation; `result` holds the issues (exit code 1)."""
+class InvalidData(errors.InvalidData):
+    """The input failed validation; `result` holds the whole validation (its issues: exit code 1)."""
 
     def __init__(self, result: ValidationResult):
-        super().__init__(f"{len(result.errors)} validation error(s); nothing was written")
+        super().__init__(f"{len(result.errors)} validation error(s); nothing was written", result.issues)
         self.result = result
 
 

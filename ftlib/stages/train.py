@@ -32,11 +32,13 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from ftlib.core.atomic import write_json
 from ftlib.core.config import Params, TrainConfig, as_dict, flatten
+from ftlib.core.errors import InvalidData
 from ftlib.core.tracking import setup_tracking
 from ftlib.core.formats import encode_example, read_examples
 
@@ -58,6 +60,7 @@ class TrainResult:
     oom_backoffs: list[dict[str, int]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     token_budget: dict[str, float] | None = None  # train.batch_tokens in effect (GPU): budget, rows/step, lr, ...
+    summary: dict[str, Any] = field(default_factory=dict)  # what reports/train_metrics.json holds
 
 
 # ---------------------------------------------------------------------------
@@ -110,13 +113,19 @@ def use_unsloth(backend: str) -> bool:
     return backend == "unsloth" or (backend == "auto" and available)
 
 
-def use_padding_free(setting: str) -> bool:
+def use_padding_free(setting: str, method: str = "lora") -> bool:
     """Padding-free batches: the rows of a micro-batch are laid end to end in one sequence
     and position_ids restart at 0 for each. That is exact (each row attends only to itself)
     with FlashAttention's varlen kernel, and with SDPA/eager too: given position_ids and no
     attention mask, transformers builds a block-diagonal mask (packed-sequence detection;
     tests/test_train.py checks the logits match row by row on the pinned version).
-    auto: on a CUDA GPU only, so CPU training stays exactly as measured in docs/model-quality.md."""
+    auto: on a CUDA GPU only, so CPU training stays exactly as measured in docs/model-quality.md.
+    Never for prompt tuning: PEFT drops position_ids there, and the rows would attend to each other."""
+    if method == "prompt_tuning":
+        if setting == "true":
+            raise ValueError("train.packing=true: prompt tuning cannot train padding-free (PEFT ignores position_ids); "
+                             "use packing: auto or false")
+        return False
     if setting != "auto":
         return setting == "true"
     return has_cuda()
@@ -281,7 +290,7 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
         kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = torch.float32  # master weights in fp32; bf16 autocast does the math
-    attention = attention_for(use_padding_free(cfg.packing))
+    attention = attention_for(use_padding_free(cfg.packing, cfg.method))
     if attention:
         kwargs["attn_implementation"] = attention
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -430,7 +439,7 @@ def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: boo
     save_every = plan.save_steps if plan else cfg.save_steps
     # load_best_model_at_end needs a checkpoint at every evaluation
     save_steps = save_every if not best else max(eval_steps, (save_every // eval_steps) * eval_steps)
-    padding_free = use_padding_free(cfg.packing)
+    padding_free = use_padding_free(cfg.packing, cfg.method)
     import importlib.util
 
     return SFTConfig(
@@ -662,8 +671,12 @@ def _load_finished(trainer: Any, ckpt: str) -> None:
 # The stage
 
 def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str | Path | None = "reports",
-          extra_callbacks: list[Any] | None = None) -> TrainResult:
-    """Fine-tune params.base_model on data_dir/train.jsonl; write params.train.output_dir."""
+          extra_callbacks: list[Any] | None = None, compare_on_test: bool = False,
+          progress: Callable[[int], None] | None = None) -> TrainResult:
+    """Fine-tune params.base_model on data_dir/train.jsonl; write params.train.output_dir, and with a
+    reports_dir train_loss.csv and train_metrics.json. compare_on_test (classification data with a
+    test.jsonl): also score the base and the fine-tuned model on it, into the summary and the MLflow run;
+    `progress` gets the number of test examples just scored."""
     import torch
     from trl import SFTTrainer
 
@@ -689,18 +702,18 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         os.environ["MLFLOW_RUN_ID"] = run_file.read_text().strip()
     bf16 = use_bf16(cfg.bf16)
     batch, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    budget = resolve_batch_tokens(cfg.batch_tokens, use_padding_free(cfg.packing), gpu_memory_gb(), params.max_seq_length)
+    budget = resolve_batch_tokens(cfg.batch_tokens, use_padding_free(cfg.packing, cfg.method), gpu_memory_gb(), params.max_seq_length)
     plan: TokenBudgetPlan | None = None
     backoffs: list[dict[str, int]] = []
     first_resume = last_good_checkpoint(ckpt_dir)
     t0 = time.perf_counter()
     reloaded = False
     while True:
+        train_examples, eval_examples = _read_split(data_dir / "train.jsonl"), _read_split(data_dir / "validation.jsonl")
         model, tokenizer = load_for_training(params, bf16)
-        train_examples = read_examples(data_dir / "train.jsonl")
         train_ds = build_dataset(data_dir / "train.jsonl", tokenizer, params, train_examples)
         if train_ds is None:
-            raise ValueError(f"{data_dir / 'train.jsonl'}: no examples to train on")
+            raise InvalidData(f"{data_dir / 'train.jsonl'}: no examples to train on")
         steps = None
         if budget:  # GPU: micro-batches packed to a token budget; big batches hold every class in proportion anyway
             plan = token_budget_plan([len(ids) for ids in train_ds["input_ids"]], budget, batch, accum, cfg)
@@ -712,7 +725,6 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
             steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * n / per_step))
             labels = [e.output.strip() for e in train_examples]
             train_ds = train_ds.select(stratified_order(labels, math.ceil(steps * per_step / n), cfg.seed))
-        eval_examples = read_examples(data_dir / "validation.jsonl")
         eval_ds = build_dataset(data_dir / "validation.jsonl", tokenizer, params, eval_examples)
         tracker = Tracker(params, key, data_dir, rows_per_step=plan.rows_per_step if plan else None)
         trainer = SFTTrainer(
@@ -775,10 +787,61 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         mlflow_run_id=tracker.run_id or (run_file.read_text().strip() if run_file.is_file() else None),
     )
     _save(trainer, tokenizer, params, result, data_dir)
+    _end_mlflow_run(result)
+    m = result.metrics
+    result.summary = {
+        "method": result.method, "global_step": result.global_step, "train_examples_per_s": result.examples_per_s,
+        "train_seconds": result.seconds, "eval_loss": m.get("eval_loss"),
+        **{k: m[f"eval_{k}"] for k in ("accuracy", "f1_macro", "min_recall") if f"eval_{k}" in m},
+        "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id}
+    test = data_dir / "test.jsonl"
+    if compare_on_test and params.data.task == "classification" and test.is_file():
+        scores = base_vs_fine_tuned(params, test, result.output_dir, progress)
+        result.summary |= {"base_test_accuracy": round(scores["base"]["accuracy"], 4),
+                           "test_accuracy": round(scores["fine-tuned"]["accuracy"], 4), "test_n": scores["base"]["n"],
+                           "base_off_label": scores["base"]["off_label"], "off_label": scores["fine-tuned"]["off_label"]}
+        if result.mlflow_run_id:
+            import mlflow
+
+            with mlflow.start_run(run_id=result.mlflow_run_id):
+                mlflow.log_metrics({k: result.summary[k] for k in ("base_test_accuracy", "test_accuracy")})
     if reports_dir is not None:
         write_loss_csv(state.log_history + tracker.history, Path(reports_dir) / "train_loss.csv")
-    _end_mlflow_run(result)
+        write_json(Path(reports_dir) / "train_metrics.json", result.summary)
     return result
+
+
+def _read_split(path: Path) -> list[Any]:
+    """The examples of a split file; a row that cannot become one refuses the run (InvalidData: CLI exit 1)."""
+    try:
+        return read_examples(path)
+    except ValueError as e:
+        raise InvalidData(str(e), str(e).splitlines(), path) from e
+
+
+def base_vs_fine_tuned(params: Params, test: Path, adapter: str, progress: Callable[[int], None] | None = None) -> dict:
+    """Test-split accuracy of the base model and of the fine-tuned one (classification data).
+
+    A PEFT adapter carries its base: the base is scored with the adapter switched off,
+    so the model is loaded once.
+    """
+    from ftlib.core.models import load_model
+    from ftlib.serving.generate import classification_accuracy
+
+    examples = read_examples(test)
+
+    def score(model: Any, tok: Any) -> dict:
+        return classification_accuracy(model, tok, examples, params.data.labels, params.template, progress=progress)
+
+    tuned, tok = load_model(adapter, allow_pickle_weights=params.allow_pickle_weights)
+    scores = {"fine-tuned": score(tuned, tok)}
+    if hasattr(tuned, "disable_adapter"):
+        with tuned.disable_adapter():
+            scores["base"] = score(tuned, tok)
+    else:  # full fine-tuning wrote a whole model
+        del tuned
+        scores["base"] = score(*load_model(params.base_model, allow_pickle_weights=params.allow_pickle_weights))
+    return scores
 
 
 def _throughput(history: list[dict[str, float]]) -> float | None:

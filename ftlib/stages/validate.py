@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ftlib.core.atomic import write_json
 from ftlib.core.config import Params
 from ftlib.core.formats import (Format, Issue, Row, chat_problems, detect_format, majority, mixed_issue, render, render_texts,
                            scan_lines, to_example, unknown_issue)
@@ -710,6 +711,4 @@ def write_outputs(result: ValidationResult, params: Params, out: Path, files: li
                    for i in result.issues[:10_000]],
         "data_docs": str(out / "data_docs" / "index.html") if params.validate.data_docs else None,
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out / "report.json")
+    write_json(out / "report.json", report)
