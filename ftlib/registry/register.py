@@ -422,7 +422,7 @@ def _log_model(run_id: str, adapter: Path, gguf: Path | None, config: dict[str, 
         artifacts["gguf"] = str(gguf)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
+            name="model", python_model=str(Path(__file__).parents[1] / "serving" / "pyfunc_model.py"), artifacts=artifacts,
             code_paths=[str(Path(ftlib.__file__).parent)], model_config=config, pip_requirements=_requirements(),
         )
     return info.model_uri

@@ -1,0 +1,212 @@
+"""The retraining DAG's tasks; dags/finetune_llama3.py is their thin face (one line each, ordering with >>).
+
+Every task reads the run's trigger form from the Airflow task context (`current()`), confines the form's
+paths (`form_path`: the form is untrusted input), and calls the stage functions in this process, with the
+project dir as working directory (relative paths in params.yaml, and the default `mlflow.db`, mean the same
+as for `ftlib` run there). Two things change where a stage runs, both decided in `stage()`:
+  * DVC can see the whole run (`dvc_reason`): the stage is `dvc repro STAGE`, which reuses DVC's cache;
+  * executor=kubernetes: the GPU stages (train, quantize) run `ftlib STAGE` (or `dvc repro`) in a pod.
+Imported by the tasks at run time only: the DAG file stays light at parse time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ftlib.airflow.orchestrate import DvcReproError, dvc_reason, form_path, gpu_pod, overrides, push, repro, repro_command
+from ftlib.core.config import Params, load_params
+
+
+@dataclass
+class Run:
+    """One task's view of the DAG run: the form, the params it resolves to, and where things go."""
+
+    project: Path
+    form: dict[str, Any]
+    params_file: Path
+    overrides: list[str]
+    params: Params
+    dvc: bool  # stages run as `dvc repro` (see the module docstring)
+    context: Any
+
+    def path(self, key: str) -> Path:
+        """A directory named by the form (raw_dir, splits_dir, ...), confined to the allowed roots."""
+        return form_path(str(self.project), str(self.form[key]))
+
+    def rel(self, path: str | Path) -> str:
+        """A path as a pod sees it: relative to the project dir (mounted as the pod's workdir)."""
+        return os.path.relpath(path, self.project.resolve())
+
+    @property
+    def executor(self) -> str:
+        return str(self.form.get("executor") or "local")
+
+
+def current() -> Run:
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    form = dict(ctx["params"])
+    # lineage: register records the Airflow dag/run/task ids it finds here on the MLflow version
+    os.environ.update({"AIRFLOW_CTX_DAG_ID": ctx["dag"].dag_id, "AIRFLOW_CTX_DAG_RUN_ID": ctx["run_id"],
+                       "AIRFLOW_CTX_TASK_ID": ctx["task"].task_id})
+    project = Path(form["project_dir"])
+    params_file = form_path(str(project), str(form["params_file"]))
+    extra = overrides(form, form.get("overrides"))
+    reason = dvc_reason(form)
+    if reason:
+        print(f"calling ftlib directly, DVC's cache is not used: {reason}")
+    return Run(project, form, params_file, extra, load_params(params_file, extra), reason is None, ctx)
+
+
+@contextlib.contextmanager
+def in_project(run: Run) -> Iterator[None]:
+    before = Path.cwd()
+    os.chdir(run.project)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def stage(run: Run, name: str, direct: Callable[[], Any], cli: list[str] | None = None, gpu: bool = False) -> Any:
+    """The one place that decides how a stage runs: `dvc repro` (in the GPU pod for a GPU stage on
+    Kubernetes), `ftlib CLI...` in the GPU pod, or `direct()` here."""
+    on_pod = gpu and run.executor == "kubernetes"
+    if run.dvc:
+        if on_pod:
+            return gpu_pod(name, repro_command(name), 1).execute(run.context)
+        print(f"dvc repro {name}: {repro(str(run.project), name, dict(os.environ))}")
+        return None
+    if on_pod:
+        args = [*(cli or [name]), "-p", run.rel(run.params_file)]
+        for o in run.overrides:
+            args += ["-o", o]
+        return gpu_pod(name, args, int(run.form.get("gpus") or 1)).execute(run.context)
+    with in_project(run):
+        return direct()
+
+
+def validate() -> str:
+    """Great Expectations data contract; invalid data fails the run (not retried)."""
+    from airflow.exceptions import AirflowFailException
+
+    from ftlib.stages.validate import validate_paths
+
+    run = current()
+    out = run.path("validated_dir")
+    links = f"report: {out / 'report.json'}, Data Docs: {out / 'data_docs' / 'index.html'}, bad rows: {out / 'quarantine.jsonl'}"
+    try:
+        result = stage(run, "validate", lambda: validate_paths([run.path("raw_dir")], run.params, out))
+    except DvcReproError:
+        report = out / "report.json"
+        if report.is_file() and json.loads(report.read_text()).get("valid") is False:
+            raise AirflowFailException(f"invalid data (errors above); {links}") from None
+        raise  # DVC itself failed: retried
+    if result is not None:
+        for issue in result.issues:
+            print(issue)
+        if not result.ok:
+            raise AirflowFailException(f"{len(result.errors)} validation errors; {links}")
+    return str(out / "report.json")
+
+
+def split() -> dict[str, str]:
+    """Stable hash split into train/validation/test; in DVC mode recorded in dvc.lock and pushed to the remote."""
+    from ftlib.stages.split import SPLITS, split_paths
+
+    run = current()
+    out = run.path("splits_dir")
+    result = stage(run, "split", lambda: split_paths([run.path("raw_dir")], run.params, out))
+    if run.dvc:
+        print(push(str(run.project), "split"))  # an unreachable remote fails (and retries) the task
+    else:
+        print(f"split counts: {result.counts} per label: {result.per_label}")
+    return {s: str(out / f"{s}.jsonl") for s in SPLITS}
+
+
+def train() -> str:
+    """A killed or retried attempt resumes from its last checkpoint; a finished one is reused."""
+    from ftlib.stages.train import train as train_stage
+
+    run = current()
+    splits, reports = run.path("splits_dir"), run.path("reports_dir")
+    cli = ["train", "--no-compare", "--data-dir", run.rel(splits), "--reports-dir", run.rel(reports)]
+    stage(run, "train", lambda: train_stage(run.params, splits, reports), cli, gpu=True)
+    return str(run.project / run.params.train.output_dir)
+
+
+def quantize_and_benchmark() -> str:
+    """Every deployable variant (merged, GGUF + Modelfile, bitsandbytes, torch int8), then one comparison table."""
+    from ftlib.stages.benchmark import benchmark
+    from ftlib.stages.quantize import quantize
+
+    run = current()
+    p = run.params
+    adapter = str(run.project / p.train.output_dir)
+    merged, quantized, out = run.path("merged_dir"), run.path("quantized_dir"), run.path("reports_dir") / "benchmark.json"
+    cli = ["quantize", "--model", run.rel(adapter), "--out-dir", run.rel(quantized), "--merged-dir", run.rel(merged)]
+    stage(run, "quantize", lambda: quantize(adapter, quantized, merged, p.quantize.variants, p.quantize.merged_dtype,
+                                            progress=print, allow_pickle_weights=p.allow_pickle_weights), cli, gpu=True)
+    stage(run, "benchmark", lambda: benchmark(p, adapter, str(quantized), str(run.path("splits_dir")), str(out),
+                                              p.benchmark.include_base, progress=print))
+    return str(out)
+
+
+def evaluate() -> str:
+    """Accuracy, precision, recall, F1 and the confusion matrix of the fine-tuned model on the test split."""
+    from ftlib.stages.evaluate import evaluate as evaluate_stage
+
+    run = current()
+    p, reports = run.params, run.path("reports_dir")
+    stage(run, "evaluate", lambda: evaluate_stage(
+        str(run.project / p.train.output_dir), run.path("splits_dir") / "test.jsonl", labels=p.data.labels, task=p.data.task,
+        template=p.template, predictions_csv=reports / "predictions.csv", progress=False,
+        metrics_json=reports / "metrics.json", confusion_png=reports / "plots" / "confusion_matrix.png"))
+    return str(reports / "metrics.json")
+
+
+def gate() -> bool:
+    """The gate (thresholds; beating TF-IDF, the base model and the re-scored champion). False skips register;
+    the refusal, with every score, is in this log, in reports/gate.json and in MLflow."""
+    from ftlib.registry.register import gate as gate_decision
+
+    run = current()
+    reports = run.path("reports_dir")
+    with in_project(run):
+        g = gate_decision(run.params, reports / "metrics.json", run.path("splits_dir"),
+                          run.project / run.params.train.output_dir, reports / "gate.json")
+    for reason in g.reasons:
+        print(f"refused: {reason}")
+    return g.passed
+
+
+def register() -> dict[str, Any]:
+    """Register the candidate as `challenger` (idempotent: a retry finds the version it made)."""
+    from ftlib.registry.register import register as register_version
+
+    run = current()
+    reports = run.path("reports_dir")
+    with in_project(run):
+        r = register_version(run.params, run.project / run.params.train.output_dir, run.path("splits_dir"), reports,
+                             run.path("quantized_dir"), run.path("merged_dir"), run.path("validated_dir") / "report.json",
+                             record=reports / "registration.json")
+    for m in r.messages:
+        print(m)
+    return json.loads((reports / "registration.json").read_text())
+
+
+def summary() -> dict[str, Any]:
+    """What this run produced and decided (also reports/summary.md): runs whether or not the gate passed."""
+    from ftlib.airflow.orchestrate import summary as summarize
+
+    run = current()
+    s = summarize(run.path("reports_dir"), run.path("splits_dir"))
+    for k, v in s.items():
+        print(f"{k:>20}: {v}")
+    return s
