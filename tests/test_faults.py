@@ -64,8 +64,8 @@ def test_corrupt_latest_checkpoint_is_skipped_and_training_resumes_from_the_prev
 
     rerun = ftlib(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert f"skipping incomplete or corrupt checkpoint {last}" in rerun.stdout
-    assert f"resuming from {last.parent / 'checkpoint-2'}" in rerun.stdout  # the previous good one
+    assert f"skipping incomplete or corrupt checkpoint {last}" in rerun.stderr
+    assert f"resuming from {last.parent / 'checkpoint-2'}" in rerun.stderr  # the previous good one
     assert (last.parent / "partial-checkpoint-4").is_dir()  # kept for inspection
     import json
 

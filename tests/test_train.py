@@ -157,8 +157,8 @@ def test_sigkill_midway_then_rerun_resumes_and_finishes(tmp_path, tiny_model):
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"resuming from {ckpt}" in rerun.stdout
-    resumed_at = int(rerun.stdout.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
+    assert f"resuming from {ckpt}" in rerun.stderr
+    resumed_at = int(rerun.stderr.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
     assert resumed_at == steps_done
     info = json.loads((tmp_path / "adapter" / "ftlib_train.json").read_text())
     assert info["global_step"] == 40

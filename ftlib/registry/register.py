@@ -35,6 +35,9 @@ from ftlib.core import lineage
 from ftlib.core.atomic import replacing, write_json
 from ftlib.core.config import Params, as_dict, flatten
 from ftlib.core.tracking import RegistryError, setup_tracking
+from ftlib.core.log import get as get_logger
+
+logger = get_logger(__name__)
 
 KEY_TAG = "ftlib.register_key"
 COMPLETE_TAG = "ftlib.registered"  # set last: a version without it was interrupted
@@ -431,11 +434,12 @@ def _log_model(run_id: str, adapter: Path, gguf: Path | None, config: dict[str, 
 def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: Path = Path("data/splits"),
              reports: Path = Path("reports"), quantized_dir: Path = Path("models/quantized"),
              merged_dir: Path = Path("models/merged"), validation_report: Path = Path("data/validated/report.json"),
-             force: bool = False, reason: str = "", log: Callable[[str], None] = print,
+             force: bool = False, reason: str = "", log: Callable[[str], None] | None = None,
              record: Path | None = None) -> Registration:
     """Gate the candidate and, when it passes (or `force` with a reason), register it as `challenger`.
     `record`: where to write what happened (status, name, version, run id, models:/ URI) as JSON, atomically."""
-    r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason, log)
+    r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason,
+                  log or logger.info)
     if record is not None:
         write_json(record, {"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
                             "uri": f"models:/{r.name}/{r.version}" if r.version else None})

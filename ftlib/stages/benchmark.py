@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ftlib.core.atomic import write_json, write_text
+from ftlib.core.log import get as get_logger
+
+log = get_logger(__name__)
 
 QUANTIZED_KINDS = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "bnb-int8", "bnb-nf4", "torch-int8")
 
@@ -164,8 +167,9 @@ def parity(row: dict[str, Any], merged: dict[str, Any], max_drop: dict[str, floa
 
 def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str = "models/quantized",
               data_dir: str = "data/splits", out: str = "reports/benchmark.json", include_base: bool = True,
-              progress: Any = print) -> dict[str, Any]:
+              progress: Any = None) -> dict[str, Any]:
     """Measure every variant; write benchmark.json, benchmark.md and plots/benchmark.png beside `out`."""
+    progress = progress or log.info
     from ftlib.core.models import resolve, template_of
 
     cfg, data = params.benchmark, Path(data_dir)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftlib.core.atomic import write_json
+from ftlib.core.log import progress_bar
 from ftlib.core.errors import InvalidData  # noqa: F401  (re-exported: the data file cannot be read as examples)
 from ftlib.core.formats import Example, read_examples
 from ftlib.serving.generate import extract_label, load_predictor
@@ -188,25 +189,6 @@ def generation_metrics(references: list[str], hypotheses: list[str], code: bool 
 # ---------------------------------------------------------------------------
 # The stage
 
-def _progress_bar(total: int, description: str) -> tuple[Any, Callable[[float], None]]:
-    """A rich progress bar on stderr (drawn only on a terminal) and its advance(n) callback."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
-    task = bar.add_task(description, total=total)
-    return bar, lambda n: bar.advance(task, n)
-
-
 def _max_label_tokens(tokenizer: Any, labels: list[str]) -> int:
     return max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
 
@@ -250,7 +232,7 @@ def evaluate(
     predictor = load_predictor(model, template)
     conversations = [e.prompt_messages for e in examples]
     if progress is True:
-        bar, advance = _progress_bar(len(examples), f"evaluating {Path(data).name} ({mode})")
+        bar, advance = progress_bar(len(examples), f"evaluating {Path(data).name} ({mode})")
     else:
         bar, advance = nullcontext(), progress or None
     scores: list[list[float]] = []

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ftlib.core.atomic import replacing
+from ftlib.core.log import get as get_logger
+
+log = get_logger(__name__)
 
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 TRANSFORMERS_VARIANTS = ("bnb-int8", "bnb-nf4", "torch-int8")
@@ -129,11 +132,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def quantize(model: str | Path = "models/adapter", out_dir: str | Path = "models/quantized",
              merged_dir: str | Path = "models/merged", variants: list[str] | tuple[str, ...] = ALL_VARIANTS,
-             merged_dtype: str = "float16", progress: Any = print, allow_pickle_weights: bool = False) -> list[dict[str, Any]]:
+             merged_dtype: str = "float16", progress: Any = None, allow_pickle_weights: bool = False) -> list[dict[str, Any]]:
     """Write every requested variant of `model`; returns (and writes) the variants.json manifest.
 
     allow_pickle_weights reaches the merge only: every variant is written from safetensors.
     """
+    progress = progress or log.info
     from ftlib.stages.merge import merge_adapter
     from ftlib.core.models import load_tokenizer, resolve
     from ftlib.core.security import check_model_dir

@@ -39,8 +39,11 @@ from transformers import TrainerCallback
 from ftlib.core.atomic import write_json
 from ftlib.core.config import Params, TrainConfig, as_dict, flatten
 from ftlib.core.errors import InvalidData
+from ftlib.core.log import get as get_logger
 from ftlib.core.tracking import setup_tracking
 from ftlib.core.formats import encode_example, read_examples
+
+log = get_logger(__name__)
 
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
 
@@ -420,7 +423,7 @@ class LabelMetrics(TrainerCallback):
         if metrics is not None:
             metrics.update(scores)
         state.log_history.append({**{k: round(v, 4) for k, v in scores.items()}, "step": state.global_step})
-        print(f"step {state.global_step}: validation " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()), flush=True)
+        log.info(f"step {state.global_step}: validation " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
         if mlflow.active_run() is not None:
             mlflow.log_metrics(scores, step=state.global_step)
 
@@ -631,7 +634,7 @@ def last_good_checkpoint(ckpt_dir: Path) -> str | None:
             ok = False
         if ok:
             return str(ckpt)
-        print(f"skipping incomplete or corrupt checkpoint {ckpt} (killed while saving?)", flush=True)
+        log.warning(f"skipping incomplete or corrupt checkpoint {ckpt} (killed while saving?)")
         ckpt.rename(ckpt.with_name("partial-" + ckpt.name))
     return None
 
@@ -663,7 +666,7 @@ def _load_finished(trainer: Any, ckpt: str) -> None:
     trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
     best = trainer.state.best_model_checkpoint
     source = best if best and Path(best).is_dir() and trainer.args.load_best_model_at_end else ckpt
-    print(f"{ckpt} already finished at step {trainer.state.global_step}: loading {source} instead of training", flush=True)
+    log.info(f"{ckpt} already finished at step {trainer.state.global_step}: loading {source} instead of training")
     trainer._load_from_checkpoint(source)
 
 
@@ -683,7 +686,7 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
     data_dir = Path(data_dir)
     if params.train.method == "auto":  # decided once, here: the run key, the adapter and MLflow record the method used
         method = resolve_method("auto")
-        print(f"train.method=auto -> {method} ({'CUDA GPU' if method == 'qlora' else 'no CUDA GPU'})", flush=True)
+        log.info(f"train.method=auto -> {method} ({'CUDA GPU' if method == 'qlora' else 'no CUDA GPU'})")
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, method=method))
     cfg = params.train
     for f in SPLIT_FILES[:2]:
@@ -717,9 +720,9 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         steps = None
         if budget:  # GPU: micro-batches packed to a token budget; big batches hold every class in proportion anyway
             plan = token_budget_plan([len(ids) for ids in train_ds["input_ids"]], budget, batch, accum, cfg)
-            print(f"token budget {budget} per micro-batch x {accum}: ~{plan.rows_per_step:.0f} rows per step "
+            log.info(f"token budget {budget} per micro-batch x {accum}: ~{plan.rows_per_step:.0f} rows per step "
                   f"({plan.scale:.1f}x {batch * accum}), learning rate {plan.learning_rate:.3g} (x sqrt), "
-                  f"eval/save every {plan.eval_steps}/{plan.save_steps} steps", flush=True)
+                  f"eval/save every {plan.eval_steps}/{plan.save_steps} steps")
         elif stratified(params):  # every pass pre-ordered so each batch holds every class; the sampler just reads in order
             n, per_step = len(train_ds), batch * accum
             steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * n / per_step))
@@ -739,7 +742,7 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
             reloaded = True
             break
         if resume:
-            print(f"resuming from {resume}", flush=True)
+            log.info(f"resuming from {resume}")
         try:
             trainer.train(resume_from_checkpoint=resume)
             break
@@ -749,15 +752,15 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
                     raise
                 backoffs.append({"from_batch_tokens": budget, "from_accum": accum, "to_batch_tokens": budget // 2,
                                  "to_accum": accum * 2})
-                print(f"out of memory at {budget} tokens per micro-batch: retrying with {budget // 2} x accumulation "
-                      f"{accum * 2}", flush=True)
+                log.warning(f"out of memory at {budget} tokens per micro-batch: retrying with {budget // 2} x accumulation "
+                            f"{accum * 2}")
                 budget, accum = budget // 2, accum * 2
             else:
                 if batch == 1:
                     raise
                 # Course notes 8.1: smaller micro-batch, more accumulation; the effective batch is unchanged.
                 backoffs.append({"from_batch": batch, "from_accum": accum, "to_batch": batch // 2, "to_accum": accum * 2})
-                print(f"out of memory at batch {batch}: retrying with batch {batch // 2} x accumulation {accum * 2}", flush=True)
+                log.warning(f"out of memory at batch {batch}: retrying with batch {batch // 2} x accumulation {accum * 2}")
                 batch, accum = batch // 2, accum * 2
             del trainer, model
             if has_cuda():
