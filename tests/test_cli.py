@@ -61,3 +61,27 @@ def test_stage_commands_fail_cleanly_on_bad_input(tmp_path):
         r = runner.invoke(app, cmd)
         assert r.exit_code == 2, (cmd, r.output)
         assert "error:" in r.output and "Traceback" not in r.output
+
+
+def test_run_prints_outputs_and_the_run_summary(tmp_path, monkeypatch):
+    """`ftlib run` on a one-stage DVC project: dvc repro, the outputs table, and the summary the DAG's summary task
+    writes too (reports/summary.md). A failing stage exits 1."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    write_jsonl(tmp_path / "data" / "splits" / "test.jsonl", balanced(2))
+    cmd = "mkdir -p reports && echo '{\"accuracy\": 0.9, \"f1\": 0.8}' > reports/metrics.json"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": cmd, "outs": ["reports/metrics.json"]}}}))
+    r = runner.invoke(app, ["run", "--no-register"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "pipeline outputs" in r.output and "reports/metrics.json" in r.output
+    assert "accuracy" in r.output and "0.9" in r.output and "not run" in r.output  # the gate did not run
+    assert "| accuracy | 0.9 |" in (tmp_path / "reports" / "summary.md").read_text()
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": "exit 3", "outs": ["x"]}}}))
+    assert runner.invoke(app, ["run", "--no-register"]).exit_code == 1

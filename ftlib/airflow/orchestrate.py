@@ -185,33 +185,6 @@ def push(project_dir: str | Path, stage: str) -> str:
 # ---------------------------------------------------------------------------
 # Summary
 
-def summary(reports: Path, splits: Path) -> dict[str, Any]:
-    """One dict (and reports/summary.md) with what the run produced and decided."""
-    def read(name: str) -> dict[str, Any]:
-        f = reports / name
-        return json.loads(f.read_text()) if f.is_file() else {}
-
-    metrics, gate, reg, bench = read("metrics.json"), read("gate.json"), read("registration.json"), read("benchmark.json")
-    counts = {s: sum(1 for line in (splits / f"{s}.jsonl").open() if line.strip()) if (splits / f"{s}.jsonl").is_file() else 0
-              for s in ("train", "validation", "test")}
-    shipped = [v["name"] for v in bench.get("variants", []) if v.get("shippable") and str(v.get("kind", "")).startswith("gguf")]
-    s = {
-        "examples": counts,
-        "accuracy": metrics.get("accuracy", metrics.get("exact_match")), "f1": metrics.get("f1"),
-        "gate": "passed" if gate.get("passed") else ("refused" if gate else "not run"),
-        "gate_reasons": gate.get("reasons", []),
-        "champion_rescored": (gate.get("champion") or {}).get("score"),
-        "tfidf_baseline": (gate.get("baseline") or {}).get("score"), "base_model_rescored": (gate.get("base") or {}).get("score"),
-        "registered": reg.get("uri") if reg.get("version") else None,
-        "registration": reg.get("status", "not run"),
-        "q8_0_decode_ratio": bench.get("ratio"), "shipped_gguf": shipped,
-    }
-    lines = ["# ftlib run summary", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in s.items()]
-    (reports / "summary.md").write_text("\n".join(lines) + "\n")
-    return s
-
-
 # ---------------------------------------------------------------------------
 # The GPU pod
 

@@ -203,7 +203,7 @@ def register() -> dict[str, Any]:
 
 def summary() -> dict[str, Any]:
     """What this run produced and decided (also reports/summary.md): runs whether or not the gate passed."""
-    from ftlib.airflow.orchestrate import summary as summarize
+    from ftlib.registry.summary import summary as summarize
 
     run = current()
     s = summarize(run.path("reports_dir"), run.path("splits_dir"))

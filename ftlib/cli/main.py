@@ -834,6 +834,18 @@ def serve(
     run_serve(loaded, mv, model, host, port, runtime)
 
 
+def _print_summary() -> None:
+    """What the run produced and decided (ftlib.registry.summary, as the DAG's summary task; also reports/summary.md)."""
+    from ftlib.registry.summary import summary
+
+    t = Table(title="this run (reports/summary.md)")
+    t.add_column("")
+    t.add_column("", justify="right")
+    for k, v in summary(Path("reports"), Path("data/splits")).items():
+        t.add_row(k, str(v))
+    out.print(t)
+
+
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),
@@ -878,49 +890,28 @@ def run_pipeline(
             size = sum(p.stat().st_size for p in files)
             table.add_row(name, str(path) + ("/" if path.is_dir() else ""), f"{size / 1024:,.1f} KiB" if files else "missing")
     out.print(table)
-    metrics = Path("reports/train_metrics.json")
-    if metrics.is_file():
-        import json
-
-        m = json.loads(metrics.read_text())
-        if "test_accuracy" in m:
-            out.print(f"test accuracy (n={m['test_n']}): base model {m['base_test_accuracy']:.3f} -> fine-tuned {m['test_accuracy']:.3f}")
-        if m.get("accuracy") is not None:
-            out.print(f"validation accuracy of the kept checkpoint: {m['accuracy']:.3f} (macro-F1 {m.get('f1_macro', 0):.3f}); "
-                      f"trained {m.get('train_seconds')} s at {m.get('train_examples_per_s')} examples/s ({m.get('method')})")
-    bench = Path("reports/benchmark.json")
-    if bench.is_file():
+    if Path("reports/benchmark.json").is_file():
         import json
 
         from ftlib.stages.benchmark import table as bench_table
 
-        result = json.loads(bench.read_text())
-        Console(width=max(out.width, 150)).print(bench_table(result))
-        if result.get("ratio"):
-            out.print(f"Q8_0 GGUF decode tokens/s over fp32 transformers: {result['ratio']:.1f}x")
-    evaluated = Path("reports/metrics.json")
-    if evaluated.is_file():
-        import json
-
-        m = json.loads(evaluated.read_text())
-        keys = [k for k in ("accuracy", "precision", "recall", "f1", "f1_macro", "n") if k in m]
-        out.print("fine-tuned model on the test split (reports/metrics.json): " + ", ".join(
-            f"{k} {m[k]:.3f}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys))
+        Console(width=max(out.width, 150)).print(bench_table(json.loads(Path("reports/benchmark.json").read_text())))
+    r = None
     if do_register:
         from ftlib.registry.register import register as run_register
 
-        params = _params(Path("params.yaml"), None)
-        r = run_register(params)
+        r = run_register(_params(Path("params.yaml"), None), record=Path("reports/registration.json"))
         if r.gate is not None:
             _wide(_gate_table(r.gate))
         for m in r.messages:
             out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
-        if r.status == "refused":
-            out.print(f"the decision and every score are in MLflow run {r.run_id} and reports/gate.json; "
-                      "improve the data or the training params and rerun (docs/model-quality.md)")
-        else:
-            lineage(f"models:/{r.name}/{r.version}", check=False, data_dir=Path("data/splits"))
-            out.print(f"promote it: ftlib promote {r.name} --version {r.version} --reason '...'")
+    _print_summary()
+    if r is not None and r.status == "refused":
+        out.print(f"the decision and every score are in MLflow run {r.run_id} and reports/gate.json; "
+                  "improve the data or the training params and rerun (docs/model-quality.md)")
+    elif r is not None:
+        lineage(f"models:/{r.name}/{r.version}", check=False, data_dir=Path("data/splits"))
+        out.print(f"promote it: ftlib promote {r.name} --version {r.version} --reason '...'")
     out.print("see also: dvc metrics show | dvc plots show | ftlib models list NAME | mlflow ui --backend-store-uri sqlite:///mlflow.db")
 
 
