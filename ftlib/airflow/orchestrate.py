@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftlib.core.config import METHODS
+
 # DAG param -> (params.yaml key, JSON schema). null = keep the params.yaml value.
 TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
     "base_model": ("base_model", {"type": ["null", "string"], "minLength": 1,
                                   "description": "embedded:smollm2-135m-instruct, a hub id (meta-llama/Meta-Llama-3-8B-Instruct) or a local dir"}),
-    "method": ("train.method", {"type": ["null", "string"], "enum": [None, "auto", "qlora", "lora", "full", "prompt_tuning"]}),
+    "method": ("train.method", {"type": ["null", "string"], "enum": [None, *METHODS]}),
     "lora_r": ("train.lora_r", {"type": ["null", "integer"], "minimum": 1, "maximum": 256}),
     "lora_alpha": ("train.lora_alpha", {"type": ["null", "integer"], "minimum": 1, "maximum": 512}),
     "lora_layers": ("train.lora_layers", {"type": ["null", "integer"], "minimum": 0, "maximum": 1000,

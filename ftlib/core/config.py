@@ -8,6 +8,7 @@ way TRL scripts do: YAML first, then the command line.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,12 +60,17 @@ class SplitConfig:
     """Salt of the content hash that assigns an example to a split."""
 
 
+Method = Literal["auto", "qlora", "lora", "full", "prompt_tuning"]
+METHODS: tuple[str, ...] = typing.get_args(Method)  # the one list: the dataclass, the check and the DAG form read it
+# The three split files every stage reads and writes
+SPLITS = ("train", "validation", "test")
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class TrainConfig:
-    method: Literal["auto", "qlora", "lora", "full", "prompt_tuning"] = "auto"
+    method: Method = "auto"
     """qlora: 4-bit NF4 base + LoRA; lora: full-precision base + LoRA; full: every weight; prompt_tuning: soft prompt only;
     auto (default): qlora on a CUDA GPU (the production path), lora on a CPU (measured faster and no worse there:
     ftlib.stages.train.resolve_method)."""
@@ -275,7 +281,7 @@ def _check(p: Params) -> None:
         raise ConfigError(f"template: must be 'chat' or 'alpaca', got {p.template!r}")
     if p.data.task not in ("classification", "generation", "code"):
         raise ConfigError(f"data.task: must be 'classification', 'generation' or 'code', got {p.data.task!r}")
-    if p.train.method not in ("auto", "qlora", "lora", "full", "prompt_tuning"):
+    if p.train.method not in METHODS:
         raise ConfigError(f"train.method: one of auto, qlora, lora, full, prompt_tuning; got {p.train.method!r}")
     if p.train.metric_for_best_model not in ("accuracy", "f1_macro", "min_recall", "loss"):
         raise ConfigError(f"train.metric_for_best_model: accuracy, f1_macro, min_recall or loss; got {p.train.metric_for_best_model!r}")

@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-SPLITS = ("train", "validation", "test")
+from ftlib.core.config import SPLITS
+
 PREFIX = "ftlib.lineage."
 LIBRARIES = ("ftlib", "torch", "transformers", "trl", "peft", "bitsandbytes", "mlflow", "dvc", "llama_cpp_python")
 

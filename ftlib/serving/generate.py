@@ -97,10 +97,17 @@ def extract_label(text: str, labels: Iterable[str]) -> str | None:
     return min(hits)[2] if hits else None
 
 
+def label_budget(tokenizer: Any, labels: list[str]) -> int:
+    """New tokens a classification answer gets, everywhere ftlib scores one (evaluate, the gate, the
+    validation metrics during training, the train-time test comparison): the longest label + 8, room
+    for "El sentimiento es POSITIVO" and EOS."""
+    return max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 8
+
+
 def classification_accuracy(model: Any, tokenizer: Any, examples: list[Example], labels: list[str], template: str,
                             batch_size: int = 16, progress: Any = None) -> dict[str, Any]:
     """Greedy-generate each answer, read the label out of it, and compare."""
-    max_new = max(len(tokenizer(l, add_special_tokens=False)["input_ids"]) for l in labels) + 4
+    max_new = label_budget(tokenizer, labels)
     answers = generate(model, tokenizer, [e.prompt_messages for e in examples], template,
                        max_new_tokens=max_new, batch_size=batch_size, progress=progress)
     predictions = [extract_label(a, labels) for a in answers]

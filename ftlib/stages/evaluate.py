@@ -33,7 +33,7 @@ from ftlib.core.atomic import write_json
 from ftlib.core.log import progress_bar
 from ftlib.core.errors import InvalidData  # noqa: F401  (re-exported: the data file cannot be read as examples)
 from ftlib.core.formats import Example, read_examples
-from ftlib.serving.generate import extract_label, load_predictor
+from ftlib.serving.generate import extract_label, label_budget, load_predictor
 
 OFF_LABEL = "(none)"  # the confusion-matrix column of answers that name no declared label
 Mode = Literal["generate", "loglik"]
@@ -189,10 +189,6 @@ def generation_metrics(references: list[str], hypotheses: list[str], code: bool 
 # ---------------------------------------------------------------------------
 # The stage
 
-def _max_label_tokens(tokenizer: Any, labels: list[str]) -> int:
-    return max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
-
-
 def evaluate(
     model: str,
     data: str | Path,
@@ -244,7 +240,7 @@ def evaluate(
             answers = [str(p) for p in predicted]
         else:
             if max_new_tokens is None:
-                max_new_tokens = _max_label_tokens(predictor.tokenizer, labels) + 8 if task == "classification" else 256
+                max_new_tokens = label_budget(predictor.tokenizer, labels) if task == "classification" else 256
             generated = predictor.generate(conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=advance)
             answers = [a.text for a in generated]
             predicted = [extract_label(a, labels) for a in answers] if task == "classification" else list(answers)

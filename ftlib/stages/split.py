@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftlib.core import errors
-from ftlib.core.config import Params
+from ftlib.core.config import SPLITS, Params
 from ftlib.core.formats import Row
 from ftlib.stages.validate import CHUNK_ROWS, ValidationResult, prompt_key, validate_paths
 
-SPLITS = ("train", "validation", "test")
 
 
 class InvalidData(errors.InvalidData):

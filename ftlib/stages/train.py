@@ -37,7 +37,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from ftlib.core.atomic import write_json
-from ftlib.core.config import Params, TrainConfig, as_dict, flatten
+from ftlib.core.config import SPLITS, Params, TrainConfig, as_dict, flatten
 from ftlib.core.errors import InvalidData
 from ftlib.core.log import get as get_logger
 from ftlib.core.tracking import setup_tracking
@@ -45,7 +45,7 @@ from ftlib.core.formats import encode_example, read_examples
 
 log = get_logger(__name__)
 
-SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+SPLIT_FILES = tuple(f"{s}.jsonl" for s in SPLITS)
 
 
 @dataclass
@@ -395,7 +395,9 @@ class LabelMetrics(TrainerCallback):
     def __init__(self, examples: list[Any], labels: list[str], tokenizer: Any, template: str, batch_size: int = 16):
         self.examples, self.labels, self.tokenizer, self.template = examples, labels, tokenizer, template
         self.batch_size = batch_size
-        self.max_new = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 8
+        from ftlib.serving.generate import label_budget
+
+        self.max_new = label_budget(tokenizer, labels)
 
     def score(self, model: Any) -> dict[str, float]:
         import torch
