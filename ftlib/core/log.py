@@ -18,15 +18,25 @@ def get(name: str) -> logging.Logger:
 
 
 def setup_cli(level: int = logging.INFO) -> None:
-    """INFO and up from every ftlib logger to stderr, one line each (never wrapped: paths stay greppable)."""
+    """INFO and up from every ftlib logger to stderr, one line each: through a rich handler on a terminal,
+    as plain `LEVEL message` lines elsewhere (CI, files, Airflow), so a path in a message is never wrapped."""
+    import sys
+
     from rich.console import Console
     from rich.logging import RichHandler
 
     root = logging.getLogger("ftlib")
-    if not any(isinstance(h, RichHandler) for h in root.handlers):
-        console = Console(stderr=True, soft_wrap=True, highlight=False)
-        root.addHandler(RichHandler(console=console, show_time=False, show_path=False, markup=False,
-                                    show_level=True, keywords=[]))
+    for h in [h for h in root.handlers if getattr(h, "ftlib_cli", False)]:
+        root.removeHandler(h)  # rebind to the current stderr (a test runner swaps it per command)
+    console = Console(stderr=True, highlight=False)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False, keywords=[])
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.ftlib_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
 
