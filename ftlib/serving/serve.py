@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 from typing import Any
 
 import mlflow
