@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftlib.core.config import METHODS
+from ftlib.core.config import METHODS, load_params
 
 # DAG param -> (params.yaml key, JSON schema). null = keep the params.yaml value.
 TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -268,11 +268,7 @@ def form_path(project_dir: str, p: str, extra_roots: tuple[str, ...] | None = No
     does not confine; this does."""
     from ftlib.core.security import allowed_roots, confine
 
-    if extra_roots is None:  # the project's own params.yaml (a file on disk, not the form) may add roots
-        import yaml
-
-        file = Path(project_dir) / "params.yaml"
-        raw = yaml.safe_load(file.read_text()) if file.is_file() else None
-        extra_roots = tuple(((raw or {}).get("paths") or {}).get("allowed_roots") or ())
+    if extra_roots is None:  # the project's own params.yaml (a file on disk, never the form's overrides) may add roots
+        extra_roots = tuple(load_params(Path(project_dir) / "params.yaml").paths.allowed_roots)
     path = Path(p).expanduser()
     return confine(path if path.is_absolute() else Path(project_dir) / path, allowed_roots(project_dir, extra_roots))

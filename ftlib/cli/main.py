@@ -75,8 +75,9 @@ def _progress() -> Iterator:
 
 
 def _print_issues(result) -> None:
+    """FILE:LINE: RULE: message, one per line (a validation result's issues, or an InvalidData's)."""
     for i in result.issues:
-        suffix = " (warning)" if i.severity == "warning" else ""
+        suffix = " (warning)" if getattr(i, "severity", "error") == "warning" else ""
         out.print(f"{i}{suffix}", markup=False)
 
 
@@ -941,9 +942,7 @@ def _report(e: BaseException) -> None:
     from ftlib.core.errors import InvalidData
 
     if isinstance(e, InvalidData):  # the FILE:LINE: RULE: message lines, then one verdict
-        for issue in e.issues:
-            suffix = " (warning)" if getattr(issue, "severity", "error") == "warning" else ""
-            out.print(f"{issue}{suffix}", markup=False)
+        _print_issues(e)
         errors = sum(getattr(i, "severity", "error") != "warning" for i in e.issues)
         verdict = (f"{e.path} is not valid data; run `ftlib validate {e.path}`" if e.path
                    else f"{errors} problem(s); nothing written, nothing logged" if e.issues else str(e))
