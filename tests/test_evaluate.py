@@ -125,6 +125,30 @@ def test_label_logliks_match_a_direct_computation(tiny_model):
     assert predictor.label_logliks([conv], LABELS, batch_size=1)[0] == pytest.approx(scores[0], abs=1e-3)
 
 
+def test_greedy_labels_are_what_greedy_generation_answers(tiny_model, tmp_path):
+    """Two batched passes (left padding) give, row by row, the label greedy generation writes: on a tiny model
+    trained until it answers its training prompts with labels, and on prompts it answers with something else."""
+    from ftlib.core.formats import read_examples
+    from ftlib.serving.generate import label_budget, load_predictor
+    from ftlib.stages.train import train
+    from tests.conftest import train_params
+
+    data = make_splits(tmp_path / "s", n_train=12, n_val=6)
+    # 60 steps: some answers are exactly a label + EOS, others start like one and go astray ("POSUTRAL")
+    p = train_params(tiny_model, tmp_path, "train.method=full", "train.learning_rate=1e-2", "train.max_steps=60",
+                     "train.balanced_batches=false")
+    train(p, data, None)
+    predictor = load_predictor(p.train.output_dir)
+    convs = [e.prompt_messages for f in ("train", "validation") for e in read_examples(data / f"{f}.jsonl")]
+    convs.append(user_messages("Escribe un poema largo", "sobre el mar"))
+    generated = [extract_label(a.text, LABELS) if a.text in LABELS and a.stopped else None
+                 for a in predictor.generate(convs, max_new_tokens=label_budget(predictor.tokenizer, LABELS), batch_size=1)]
+    assert sum(g is not None for g in generated) >= 6, generated
+    assert predictor.greedy_labels(convs, LABELS, batch_size=5) == generated
+    # two labels that start with the same token: the first token does not decide, so no answer
+    assert predictor.greedy_labels(convs, ["NEUTRAL", "NEUTRALIDAD"], batch_size=4) is None
+
+
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
     return make_splits(tmp_path_factory.mktemp("eval-splits"), n_test=6)

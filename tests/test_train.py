@@ -222,11 +222,30 @@ def test_gradient_checkpointing_covers_the_first_fraction_of_layers(tiny_model, 
     from ftlib.stages.train import load_for_training
 
     def flags(fraction: float) -> list[bool]:
-        p = train_params(tiny_model, tmp_path, f"train.method={method}", f"train.gradient_checkpointing_fraction={fraction}")
+        p = train_params(tiny_model, tmp_path, f"train.method={method}", "train.gradient_checkpointing=true",
+                         f"train.gradient_checkpointing_fraction={fraction}")
         model, _ = load_for_training(p, bf16=False)
         return [m.gradient_checkpointing for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
 
     assert flags(1.0) == [True, True] and flags(0.5) == [True, False] and flags(0.0) == [False, False]
+
+
+def test_the_trainer_keeps_the_checkpointing_ftlib_set_up(tiny_model, tmp_path):
+    """TRL turns checkpointing on for every layer by default; train.gradient_checkpointing (auto: off on a CPU)
+    and the fraction must be what the layers have when training starts."""
+    from transformers import TrainerCallback
+
+    data = make_splits(tmp_path / "s", n_train=8, n_val=4)
+    seen = {}
+
+    class Layers(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen[name] = [m.gradient_checkpointing for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+
+    for name, flags in {"auto": [], "half": ["train.gradient_checkpointing=true", "train.gradient_checkpointing_fraction=0.5"]}.items():
+        p = train_params(tiny_model, tmp_path / name, "train.method=lora", "train.max_steps=1", "train.eval_steps=0", *flags)
+        train(p, data, None, extra_callbacks=[Layers()])
+    assert seen == {"auto": [False, False], "half": [True, False]}
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])

@@ -114,8 +114,9 @@ class TrainConfig:
     """Micro-batch size; halved automatically on out-of-memory."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; doubled automatically on out-of-memory."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward: much less memory for more time."""
+    gradient_checkpointing: Literal["auto", "true", "false"] = "auto"
+    """Recompute activations in backward: much less memory for more time. auto = on with a CUDA GPU
+    (memory is the limit there), off on a CPU (RAM is plentiful; 1.3x faster per step, docs/model-quality.md)."""
     gradient_checkpointing_fraction: float = 1.0
     """Share of decoder layers that recompute (the first ones); the rest keep their activations.
     1.0 = least memory; each layer left out trades ~50 MB (SmolLM2-135M, batch 8) for speed."""
@@ -174,7 +175,8 @@ class QuantizeConfig:
 @dataclass
 class BenchmarkConfig:
     max_new_tokens: int = 32
-    """Token budget per answer; an answer that has not reached EOS by then counts as not stopping."""
+    """Token budget per answer; an answer that has not reached EOS by then counts as not stopping.
+    Classification: at most the label budget `ftlib evaluate` and the gate use (longest label + 8)."""
     decode_tokens: int = 64
     """Tokens generated (EOS suppressed) to measure pure decode speed."""
     max_examples: int = 0
@@ -294,7 +296,7 @@ def _check(p: Params) -> None:
     p.train.batch_tokens = tokens
     if p.train.backend not in ("auto", "transformers", "unsloth"):
         raise ConfigError(f"train.backend: one of auto, transformers, unsloth; got {p.train.backend!r}")
-    for name in ("bf16", "packing"):
+    for name in ("bf16", "packing", "gradient_checkpointing"):
         value = str(getattr(p.train, name)).lower()
         if value not in ("auto", "true", "false"):
             raise ConfigError(f"train.{name}: auto, true or false; got {getattr(p.train, name)!r}")

@@ -235,6 +235,56 @@ class HFPredictor:
                 progress(len(convs))
         return out
 
+    def greedy_labels(self, conversations: list[list[dict[str, str]]], labels: list[str],
+                      batch_size: int = 16) -> list[str | None] | None:
+        """The label each greedy answer is, in two forward passes instead of label + 8 decode steps.
+
+        When every label starts with its own token (SmolLM2: POS|IT|IV|O, N|EG|AT|IV|O, NE|UT|R|AL),
+        the first greedy token names the only label the answer can be; a second pass over prompt +
+        that label + EOS checks that greedy decoding writes exactly those tokens (the argmax at every
+        answer position). An answer that is not exactly one label then EOS is None (off-label): what
+        a fine-tuned model is trained to write, so for it this equals generating and reading the
+        label. Returns None when two labels share their first token: then only generation can tell.
+        """
+        import torch
+
+        tok, template = self.tokenizer, self.template
+        starts: dict[int, str] = {}
+        for label in labels:
+            first = answer_ids(label, conversations[0], tok, template)[1][0]
+            if first in starts:
+                return None
+            starts[first] = label
+        pad = tok.pad_token_id or 0
+
+        def argmax(rows: list[list[int]], keep: int) -> list[list[int]]:
+            """Argmax next token at each row's last `keep` positions (left padding)."""
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                    logits_to_keep=keep).logits
+            return logits.argmax(-1).tolist()
+
+        out: list[str | None] = []
+        for start in range(0, len(conversations), batch_size):
+            convs = conversations[start:start + batch_size]
+            prompts = [answer_ids(labels[0], m, tok, template)[0] for m in convs]
+            guess = [starts.get(row[-1]) for row in argmax(prompts, 1)]
+            todo = [i for i, g in enumerate(guess) if g is not None]
+            if todo:
+                answers = {i: answer_ids(guess[i], convs[i], tok, template)[1] for i in todo}
+                # the prediction at the last prompt token and at every answer token but EOS
+                keep = max(len(a) for a in answers.values())
+                predicted = argmax([prompts[i] + answers[i][:-1] for i in todo], keep)
+                for i, row in zip(todo, predicted):
+                    if row[keep - len(answers[i]):] != answers[i]:
+                        guess[i] = None
+            out += guess
+        return out
+
     def decode_tokens_per_s(self, conversation: list[dict[str, str]], tokens: int = 64) -> float | None:
         return decode_rate(lambda n: self.generate([conversation], max_new_tokens=n, min_new_tokens=n, batch_size=1), tokens)
 

@@ -187,8 +187,14 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
         rows.append({"name": "merged", "kind": "merged-fp32", "runtime": "transformers", "path": merged["path"]})
     rows += [{**v} for v in manifest if v["kind"] in QUANTIZED_KINDS]
 
+    max_new = cfg.max_new_tokens
+    if params.data.task == "classification":  # the label budget evaluate and the gate use (a base model that never
+        from ftlib.core.models import load_tokenizer  # stops costs label+8 tokens per answer, not 32)
+        from ftlib.serving.generate import label_budget
+
+        max_new = min(max_new, label_budget(load_tokenizer(params.base_model, params.trust_remote_code), list(params.data.labels)))
     common = {"data": str(test), "task": params.data.task, "labels": list(params.data.labels),
-              "template": template_of(adapter, params.template), "max_new_tokens": cfg.max_new_tokens,
+              "template": template_of(adapter, params.template), "max_new_tokens": max_new,
               "decode_tokens": cfg.decode_tokens, "max_examples": cfg.max_examples, "latency_examples": cfg.latency_examples}
     for row in rows:
         progress(f"benchmarking {row['name']} ({row['runtime']}) ...")

@@ -135,13 +135,37 @@ def use_padding_free(setting: str, method: str = "lora") -> bool:
 
 
 def attention_for(padding_free: bool) -> str | None:
-    """FlashAttention-2 when padding-free on CUDA and flash_attn is installed (varlen: linear in tokens);
-    otherwise the model's default (SDPA, whose block-diagonal mask is quadratic in a micro-batch's tokens)."""
+    """FlashAttention-2 when padding-free on CUDA and flash_attn is installed (varlen: linear in tokens).
+    Eager on a CPU: the same math as SDPA, but SDPA's CPU flash kernel is slow in backward (13 ms per layer
+    call vs 1.4 ms forward at batch 8 x 95 tokens; eager made a step 1.14x faster, docs/model-quality.md).
+    Otherwise the model's default (SDPA, whose block-diagonal mask is quadratic in a micro-batch's tokens)."""
     import importlib.util
 
-    if padding_free and has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+    if not has_cuda():
+        return "eager"
+    if padding_free and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return None
+
+
+def frozen_base_dtype(method: str, bf16: bool) -> str:
+    """dtype the base weights load in for lora / full / prompt tuning (qlora: 4-bit).
+
+    Frozen LoRA base weights in bf16 when bf16 autocast is on: they are never updated, so an fp32
+    copy only costs a cast per matmul (15% of a CPU step); PEFT keeps the adapter weights in fp32.
+    Full fine-tuning and prompt tuning keep fp32 master weights; bf16 autocast does the math."""
+    return "bfloat16" if method == "lora" and bf16 else "float32"
+
+
+def use_checkpointing(setting: str) -> bool:
+    """train.gradient_checkpointing: auto = on with a CUDA GPU, off on a CPU.
+
+    On a GPU memory is what limits the batch and the model size, so recomputing activations is
+    worth its ~30% of a step. On a CPU the activations of SmolLM2-135M at batch 8 are a few hundred
+    MB, and recomputing them made a step 1.3x slower (docs/model-quality.md)."""
+    if setting != "auto":
+        return setting == "true"
+    return has_cuda()
 
 
 def gpu_memory_gb() -> float | None:
@@ -217,7 +241,7 @@ def run_key(params: Params, data_dir: Path) -> str:
     blob = {
         "data": {f: file_sha256(data_dir / f) for f in SPLIT_FILES[:2]},
         "base_model": params.base_model, "template": params.template, "max_seq_length": params.max_seq_length,
-        "train": t,
+        "train": t, "frozen_base": frozen_base_dtype(params.train.method, use_bf16(params.train.bf16)),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -292,14 +316,14 @@ def load_for_training(params: Params, bf16: bool) -> tuple[Any, Any]:
         )
         kwargs["dtype"] = compute
     else:
-        kwargs["dtype"] = torch.float32  # master weights in fp32; bf16 autocast does the math
+        kwargs["dtype"] = getattr(torch, frozen_base_dtype(cfg.method, bf16))
     attention = attention_for(use_padding_free(cfg.packing, cfg.method))
     if attention:
         kwargs["attn_implementation"] = attention
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
 
-    if cfg.gradient_checkpointing:
+    if use_checkpointing(cfg.gradient_checkpointing):
         _checkpoint_first_layers(model, cfg.gradient_checkpointing_fraction)
     if cfg.method == "full":
         return model, tokenizer
@@ -382,14 +406,16 @@ def _callbacks(params: Params, tracker: Tracker, extra: list[Any], eval_examples
 
 
 class LabelMetrics(TrainerCallback):
-    """Validation accuracy, macro-F1 and lowest class recall of the label the model generates.
+    """Validation accuracy, macro-F1 and lowest class recall of the label the model answers with.
 
     The gate scores greedy generation on the test split (`ftlib evaluate`); eval loss is a
     poor proxy for it here, because most answer tokens are format (the rest of the label
     word, EOS) and the decision sits in one token. So at every evaluation the model answers
-    the validation prompts exactly as `ftlib evaluate` makes it answer, and the metrics go
-    into the Trainer's metrics (as eval_accuracy, eval_f1_macro, eval_min_recall) before
-    checkpoint selection and early stopping read them, and into MLflow and the loss CSV.
+    the validation prompts greedily, and the metrics go into the Trainer's metrics (as
+    eval_accuracy, eval_f1_macro, eval_min_recall) before checkpoint selection and early
+    stopping read them, and into MLflow and the loss CSV. When the labels start with distinct
+    tokens, two forward passes tell which label greedy decoding writes (`HFPredictor.greedy_labels`,
+    instead of generating label + 8 tokens); otherwise the answers are generated.
     """
 
     def __init__(self, examples: list[Any], labels: list[str], tokenizer: Any, template: str, batch_size: int = 16):
@@ -407,14 +433,17 @@ class LabelMetrics(TrainerCallback):
 
         was_training = model.training
         model.eval()
+        predictor = HFPredictor(model, self.tokenizer, self.template)
+        prompts = [e.prompt_messages for e in self.examples]
         try:
             with torch.no_grad():
-                answers = HFPredictor(model, self.tokenizer, self.template).generate(
-                    [e.prompt_messages for e in self.examples], max_new_tokens=self.max_new, batch_size=self.batch_size)
+                predicted = predictor.greedy_labels(prompts, self.labels, batch_size=self.batch_size)
+                if predicted is None:
+                    answers = predictor.generate(prompts, max_new_tokens=self.max_new, batch_size=self.batch_size)
+                    predicted = [extract_label(a.text, self.labels) for a in answers]
         finally:
             model.train(was_training)
-        m = classification_metrics([e.output.strip() for e in self.examples], [extract_label(a.text, self.labels) for a in answers],
-                                   self.labels)
+        m = classification_metrics([e.output.strip() for e in self.examples], predicted, self.labels)
         recalls = [m["per_class"][label]["recall"] for label in self.labels if label in m["per_class"]]
         return {"eval_accuracy": m["accuracy"], "eval_f1_macro": m["f1_macro"], "eval_min_recall": min(recalls, default=0.0)}
 
@@ -424,7 +453,7 @@ class LabelMetrics(TrainerCallback):
         scores = self.score(model)
         if metrics is not None:
             metrics.update(scores)
-        state.log_history.append({**{k: round(v, 4) for k, v in scores.items()}, "step": state.global_step})
+        state.log_history.append({**scores, "step": state.global_step})
         log.info(f"step {state.global_step}: validation " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
         if mlflow.active_run() is not None:
             mlflow.log_metrics(scores, step=state.global_step)
@@ -475,6 +504,9 @@ def sft_config(params: Params, ckpt_dir: Path, batch: int, accum: int, bf16: boo
         metric_for_best_model=f"eval_{best_metric(params)}" if best else None,
         greater_is_better=best_metric(params) != "loss" if best else None,
         bf16=bf16,
+        # load_for_training set checkpointing up (train.gradient_checkpointing[_fraction]); TRL's default (on,
+        # every layer) would redo it over ours, so the off switch and the fraction never took effect
+        activation_checkpointing=False,
         use_cpu=not cuda,
         optim="adamw_8bit" if cuda else "adamw_torch",
         use_liger_kernel=cuda and importlib.util.find_spec("liger_kernel") is not None,
@@ -779,7 +811,7 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
 
     final_metrics = {}
     if eval_ds is not None:
-        final_metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
+        final_metrics = kept_metrics(trainer) or {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
     state = trainer.state
     result = TrainResult(
         output_dir=cfg.output_dir, run_key=key, method=cfg.method, global_step=state.global_step, resumed_from=first_resume,
@@ -814,6 +846,17 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
         write_loss_csv(state.log_history + tracker.history, Path(reports_dir) / "train_loss.csv")
         write_json(Path(reports_dir) / "train_metrics.json", result.summary)
     return result
+
+
+def kept_metrics(trainer: Any) -> dict[str, float] | None:
+    """Validation metrics of the checkpoint load_best_model_at_end kept, from the log of its evaluation:
+    evaluating it again would repeat the same numbers for the price of a validation pass."""
+    step = trainer.state.best_global_step
+    if not (trainer.args.load_best_model_at_end and step):
+        return None
+    metrics = {k: float(v) for entry in trainer.state.log_history if entry.get("step") == step
+               for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    return metrics if "eval_loss" in metrics else None
 
 
 def _read_split(path: Path) -> list[Any]:
