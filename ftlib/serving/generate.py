@@ -240,9 +240,8 @@ class HFPredictor:
         """The label each greedy answer is, in two forward passes instead of label + 8 decode steps.
 
         When every label starts with its own token (SmolLM2: POS|IT|IV|O, N|EG|AT|IV|O, NE|UT|R|AL),
-        the first greedy token names the only label the answer can be; a second pass over prompt +
-        that label + EOS checks that greedy decoding writes exactly those tokens (the argmax at every
-        answer position). An answer that is not exactly one label then EOS is None (off-label): what
+        the first greedy token names the only label the answer can be; a second pass over that label's
+        tokens, from the prompt's KV cache, checks that greedy decoding writes exactly them and then EOS. An answer that is not exactly one label then EOS is None (off-label): what
         a fine-tuned model is trained to write, so for it this equals generating and reading the
         label. Returns None when two labels share their first token: then only generation can tell.
         """
@@ -256,32 +255,33 @@ class HFPredictor:
                 return None
             starts[first] = label
         pad = tok.pad_token_id or 0
-
-        def argmax(rows: list[list[int]], keep: int) -> list[list[int]]:
-            """Argmax next token at each row's last `keep` positions (left padding)."""
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                                    logits_to_keep=keep).logits
-            return logits.argmax(-1).tolist()
-
         out: list[str | None] = []
         for start in range(0, len(conversations), batch_size):
             convs = conversations[start:start + batch_size]
             prompts = [answer_ids(labels[0], m, tok, template)[0] for m in convs]
-            guess = [starts.get(row[-1]) for row in argmax(prompts, 1)]
-            todo = [i for i, g in enumerate(guess) if g is not None]
-            if todo:
-                answers = {i: answer_ids(guess[i], convs[i], tok, template)[1] for i in todo}
-                # the prediction at the last prompt token and at every answer token but EOS
-                keep = max(len(a) for a in answers.values())
-                predicted = argmax([prompts[i] + answers[i][:-1] for i in todo], keep)
-                for i, row in zip(todo, predicted):
-                    if row[keep - len(answers[i]):] != answers[i]:
-                        guess[i] = None
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                first = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+                firsts = first.logits[:, -1].argmax(-1).tolist()
+                guess = [starts.get(t) for t in firsts]
+                if any(guess):
+                    # the second pass continues from the prompts' KV cache over each guessed answer (minus its EOS):
+                    # the argmax after every answer token must be the next one, EOS last
+                    answers = [answer_ids(g or labels[0], m, tok, template)[1] for g, m in zip(guess, convs)]
+                    steps = max(len(a) for a in answers) - 1
+                    nexts = [[] for _ in convs]
+                    if steps > 0:
+                        cont = torch.tensor([a[:-1] + [pad] * (steps + 1 - len(a)) for a in answers], device=ids.device)
+                        logits = self.model(input_ids=cont, attention_mask=torch.cat([mask, torch.ones_like(cont)], dim=1),
+                                            position_ids=pos[:, -1:] + 1 + torch.arange(steps, device=ids.device),
+                                            past_key_values=first.past_key_values, use_cache=True).logits
+                        nexts = logits.argmax(-1).tolist()
+                    for i, answer in enumerate(answers):
+                        if guess[i] is not None and [firsts[i], *nexts[i][:len(answer) - 1]] != answer:
+                            guess[i] = None
             out += guess
         return out
 
