@@ -116,7 +116,7 @@ class TrainConfig:
     """Micro-batches per optimizer step; doubled automatically on out-of-memory."""
     gradient_checkpointing: Literal["auto", "true", "false"] = "auto"
     """Recompute activations in backward: much less memory for more time. auto = on with a CUDA GPU
-    (memory is the limit there), off on a CPU (RAM is plentiful; 1.3x faster per step, docs/model-quality.md)."""
+    (memory is the limit there), off on a CPU (RAM is plentiful; 1.8x faster per step, docs/model-quality.md)."""
     gradient_checkpointing_fraction: float = 1.0
     """Share of decoder layers that recompute (the first ones); the rest keep their activations.
     1.0 = least memory; each layer left out trades ~50 MB (SmolLM2-135M, batch 8) for speed."""

@@ -194,6 +194,15 @@ class HFPredictor:
                 progress(len(batch))
         return answers
 
+    def _left_padded(self, prompts: list[list[int]], pad: int) -> tuple[Any, Any, Any]:
+        """(input_ids, attention_mask, position_ids) of token lists padded on the left, on the model's device."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
     def label_logliks(self, conversations: list[list[dict[str, str]]], labels: list[str], batch_size: int = 16,
                       progress: Any = None) -> list[list[float]]:
         """log p(label + EOS | prompt) for every conversation x label: never off-label.
@@ -211,10 +220,7 @@ class HFPredictor:
             convs = conversations[start:start + batch_size]
             prompts = [answer_ids(labels[0], m, self.tokenizer, self.template)[0] for m in convs]
             answers = [answer_ids(label, convs[0], self.tokenizer, self.template)[1] for label in labels]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = self._left_padded(prompts, pad)
             with torch.no_grad():
                 first = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
                 last = torch.log_softmax(first.logits[:, -1].float(), dim=-1)
@@ -241,9 +247,9 @@ class HFPredictor:
 
         When every label starts with its own token (SmolLM2: POS|IT|IV|O, N|EG|AT|IV|O, NE|UT|R|AL),
         the first greedy token names the only label the answer can be; a second pass over that label's
-        tokens, from the prompt's KV cache, checks that greedy decoding writes exactly them and then EOS. An answer that is not exactly one label then EOS is None (off-label): what
-        a fine-tuned model is trained to write, so for it this equals generating and reading the
-        label. Returns None when two labels share their first token: then only generation can tell.
+        tokens, from the prompt's KV cache, checks that greedy decoding writes exactly them and then EOS.
+        An answer that is not exactly one label then EOS is None (off-label): that is what a fine-tuned
+        model is trained to write, so for it this equals generating and reading the label. Returns None when two labels share their first token: then only generation can tell.
         """
         import torch
 
@@ -259,10 +265,7 @@ class HFPredictor:
         for start in range(0, len(conversations), batch_size):
             convs = conversations[start:start + batch_size]
             prompts = [answer_ids(labels[0], m, tok, template)[0] for m in convs]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = self._left_padded(prompts, pad)
             with torch.no_grad():
                 first = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
                 firsts = first.logits[:, -1].argmax(-1).tolist()

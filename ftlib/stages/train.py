@@ -153,7 +153,7 @@ def use_checkpointing(setting: str) -> bool:
 
     On a GPU memory is what limits the batch and the model size, so recomputing activations is
     worth its ~30% of a step. On a CPU the activations of SmolLM2-135M at batch 8 are a few hundred
-    MB, and recomputing them made a step 1.3x slower (docs/model-quality.md)."""
+    MB, and recomputing them made a step 1.8x slower (docs/model-quality.md, item 14)."""
     if setting != "auto":
         return setting == "true"
     return has_cuda()
@@ -428,7 +428,7 @@ class LabelMetrics(TrainerCallback):
         model.eval()
         predictor = HFPredictor(model, self.tokenizer, self.template)
         prompts = [e.prompt_messages for e in self.examples]
-        try:  # under the autocast training and eval loss use (a bf16 base with fp32 adapters is 2x slower without)
+        try:  # under the bf16 autocast training and the eval loss use (2x faster on a CPU with AMX)
             with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 predicted = predictor.greedy_labels(prompts, self.labels, batch_size=self.batch_size)
                 if predicted is None:
