@@ -103,10 +103,9 @@ def _is_dvc_project(root: Path) -> bool:
 
 
 def _dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    import sys
+    from ftlib.registry.pipeline import dvc_env
 
-    # dvc.yaml's commands call `ftlib`: the interpreter's bin dir (the venv) must be on PATH
-    return {**os.environ, **(extra or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return dvc_env(extra)
 
 
 def _dvc(root: Path, *args: str) -> Any:

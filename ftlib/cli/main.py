@@ -613,6 +613,13 @@ def _gate_table(g) -> Table:
     return t
 
 
+def _print_registration(r) -> None:
+    if r.gate is not None:
+        _wide(_gate_table(r.gate))
+    for m in r.messages:
+        out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+
+
 @app.command()
 def gate(
     metrics: Path = typer.Option(Path("reports/metrics.json"), "--metrics", help="The candidate's test-split metrics (`ftlib evaluate`)."),
@@ -674,10 +681,7 @@ def register(
     params = _params(params_file, overrides)
     r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
                      record=json_out)
-    if r.gate is not None:
-        _wide(_gate_table(r.gate))
-    for m in r.messages:
-        out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+    _print_registration(r)
     if r.version:
         out.print(f"next: ftlib lineage models:/{r.name}/{r.version} | ftlib promote {r.name} --version {r.version} --reason '...'")
     raise typer.Exit(3 if r.status == "refused" else 0)
@@ -847,6 +851,18 @@ def _print_summary() -> None:
     out.print(t)
 
 
+def _outputs_table() -> Table:
+    """Where every output of dvc.yaml went, and its size."""
+    from ftlib.registry.pipeline import outputs
+
+    table = Table(title="pipeline outputs")
+    for col in ("stage", "output", "size"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for stage, path, size in outputs():
+        table.add_row(stage, path, "missing" if size is None else f"{size / 1024:,.1f} KiB")
+    return table
+
+
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", "-f", help="Re-run every stage even if nothing changed."),
@@ -864,48 +880,22 @@ def run_pipeline(
 
       ftlib run --no-register
     """
-    import os
-    import subprocess
+    import json
 
-    import yaml
+    from ftlib.registry.pipeline import repro
+    from ftlib.registry.register import register as run_register
+    from ftlib.stages.benchmark import table as bench_table
 
-    if not Path("dvc.yaml").is_file():
-        raise ValueError("no dvc.yaml here; run from the project root")
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
-    out.print(f"$ {' '.join(['dvc', *cmd[3:]])}")
-    code = subprocess.call(cmd, env=env)
-    if code != 0:
+    out.print("$ dvc repro" + (" --force" if force else ""))
+    if (code := repro(force)) != 0:
         err.print(f"[red]pipeline failed[/] (dvc repro exit {code}); see the messages above")
         raise typer.Exit(1)
-
-    table = Table(title="pipeline outputs")
-    for col in ("stage", "output", "size"):
-        table.add_column(col, justify="right" if col == "size" else "left")
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            path = Path(next(iter(entry)) if isinstance(entry, dict) else entry)
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            size = sum(p.stat().st_size for p in files)
-            table.add_row(name, str(path) + ("/" if path.is_dir() else ""), f"{size / 1024:,.1f} KiB" if files else "missing")
-    out.print(table)
+    out.print(_outputs_table())
     if Path("reports/benchmark.json").is_file():
-        import json
-
-        from ftlib.stages.benchmark import table as bench_table
-
         Console(width=max(out.width, 150)).print(bench_table(json.loads(Path("reports/benchmark.json").read_text())))
-    r = None
-    if do_register:
-        from ftlib.registry.register import register as run_register
-
-        r = run_register(_params(Path("params.yaml"), None), record=Path("reports/registration.json"))
-        if r.gate is not None:
-            _wide(_gate_table(r.gate))
-        for m in r.messages:
-            out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+    r = run_register(_params(Path("params.yaml"), None), record=Path("reports/registration.json")) if do_register else None
+    if r is not None:
+        _print_registration(r)
     _print_summary()
     if r is not None and r.status == "refused":
         out.print(f"the decision and every score are in MLflow run {r.run_id} and reports/gate.json; "
