@@ -24,10 +24,30 @@ def setup_tracking() -> str:
     os.environ.setdefault("HF_MLFLOW_LOG_ARTIFACTS", "0")  # the Trainer's MLflow callback: metrics, not checkpoints
     uri = os.environ["MLFLOW_TRACKING_URI"]
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
-                r.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise RegistryError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
-                                "nothing was logged or registered. Start it (or fix MLFLOW_TRACKING_URI) and rerun.") from None
+        probe(uri)
     return uri
+
+
+def probe(uri: str) -> None:
+    """GET /health of a tracking server within 5 s, with the URI's basic-auth credentials if it has any
+    (MLflow's client sends them too); RegistryError names the server without its credentials."""
+    import base64
+
+    from ftlib.core.security import redact_url, split_userinfo
+
+    bare, auth = split_userinfo(uri)
+    request = urllib.request.Request(bare.rstrip("/") + "/health")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            r.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise RegistryError(f"MLflow tracking server {redact_url(uri)} refused the credentials (HTTP {e.code}); "
+                                "check the user and password in MLFLOW_TRACKING_URI or MLFLOW_TRACKING_USERNAME/PASSWORD") from None
+        raise RegistryError(f"MLflow tracking server {redact_url(uri)} answered /health with HTTP {e.code}; "
+                            "nothing was logged or registered.") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise RegistryError(f"MLflow tracking server {redact_url(uri)} is unreachable ({getattr(e, 'reason', e)}); "
+                            "nothing was logged or registered. Start it (or fix MLFLOW_TRACKING_URI) and rerun.") from None
