@@ -916,9 +916,9 @@ def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a user can act on; None for a bug."""
     from ftlib.core.atomic import DiskFullError, is_disk_full
     from ftlib.core.errors import InvalidData, ModelError
-    from ftlib.core.tracking import RegistryError
+    from ftlib.core.tracking import RegistryError, is_locked_store
 
-    if isinstance(e, (InvalidData, DiskFullError)) or is_disk_full(e):
+    if isinstance(e, (InvalidData, DiskFullError)) or is_disk_full(e) or is_locked_store(e):
         return 1
     if isinstance(e, (ModelError, RegistryError, ValueError, OSError)):  # ConfigError, PathError, UsageError: ValueErrors
         return 2
@@ -930,6 +930,7 @@ def exit_code(e: BaseException) -> int | None:
 def _report(e: BaseException) -> None:
     from ftlib.core.atomic import DiskFullError, is_disk_full
     from ftlib.core.errors import InvalidData
+    from ftlib.core.tracking import is_locked_store
 
     if isinstance(e, InvalidData):  # the FILE:LINE: RULE: message lines, then one verdict
         _print_issues(e)
@@ -941,6 +942,9 @@ def _report(e: BaseException) -> None:
         err.print(f"[red]error:[/] {escape(e.strerror)}")
     elif is_disk_full(e):
         err.print(f"[red]error:[/] disk full: {escape(str(e))}")
+    elif is_locked_store(e):
+        err.print("[red]error:[/] the MLflow SQLite store is locked by another process (still after sqlite's busy "
+                  "timeout); let it finish (or stop it) and rerun")
     else:
         err.print(f"[red]error:[/] {escape(str(e))}")
 

@@ -25,7 +25,44 @@ def setup_tracking() -> str:
     uri = os.environ["MLFLOW_TRACKING_URI"]
     if uri.startswith(("http://", "https://")):
         probe(uri)
+    elif uri.startswith("sqlite:///"):
+        wait_for_sqlite(Path(uri[len("sqlite:///"):]))
     return uri
+
+
+SQLITE_WAIT_S = 30.0
+
+
+def wait_for_sqlite(db: Path, seconds: float | None = None) -> None:
+    """Wait (up to `seconds`) until no other process holds a write lock on the SQLite store, so a concurrent
+    `ftlib register` or `mlflow ui` migration makes this one wait instead of failing with a traceback.
+    sqlite3's own busy timeout does the retrying; RegistryError (one line) when it runs out."""
+    import sqlite3
+
+    if not db.is_file():
+        return
+    seconds = SQLITE_WAIT_S if seconds is None else seconds
+    try:
+        con = sqlite3.connect(db, timeout=seconds, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # waits for the reserved lock, the one every writer needs
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:
+        raise RegistryError(f"{db} is locked by another process (waited {seconds:.0f} s: {e}); "
+                            "let it finish (or stop it) and rerun") from None
+
+
+def is_locked_store(e: BaseException) -> bool:
+    """A 'database is locked' error from the SQLite store, however MLflow or SQLAlchemy wrapped it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if "database is locked" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def probe(uri: str) -> None:
