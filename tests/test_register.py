@@ -164,11 +164,19 @@ def test_champion_is_rescored_promotion_and_rollback(work, tiny_model, tiny_adap
     assert champ["version"] == "1" and champ["score"] == pytest.approx(v1.gate.candidate["score"])  # re-scored, not 0.9999
     assert "does not beat champion v1" in refused.gate.reasons[0]
 
-    v2 = register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter))
+    # a negative min_improvement loosens the gate: refused unless forced, and the forced version promotes only with --force
+    loose = register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter))
+    assert loose.status == "refused" and "register.min_improvement=-1 accepts a candidate worse" in loose.gate.reasons[0]
+    assert loose.gate.overrides["register.min_improvement"] == {"value": -1.0, "default": 0.01}
+    v2 = register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter), force=True,
+                  reason="ties v1, newer data")
     assert v2.status == "registered" and v2.version == "2"
     assert str(c.get_model_version_by_alias(n, "challenger").version) == "2"
+    assert json.loads(c.get_model_version(n, "2").tags["ftlib.gate.overrides"])["register.min_improvement"]["value"] == -1
+    with pytest.raises(RegistryError, match="failed the gate"):
+        promote(c, n, version="2", reason="ties v1, newer data")
 
-    r = promote(c, n, version="2", reason="ties v1, newer data")
+    r = promote(c, n, version="2", reason="ties v1, newer data", force=True)
     assert r == {"version": "2", "previous": "1", "changed": True}
     assert str(c.get_model_version_by_alias(n, "champion").version) == "2"
     assert str(c.get_model_version_by_alias(n, "previous-champion").version) == "1"
@@ -284,9 +292,9 @@ def test_serve_answers_with_a_label_and_follows_the_alias(work, tiny_model, tiny
 
     c, n = MlflowClient(), name()
     register(reg_params(tiny_model, n), Path(tiny_adapter))
-    register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter))
+    register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter), force=True, reason="a second version")
     promote(c, n, version="1")
-    promote(c, n, version="2")
+    promote(c, n, version="2", force=True, reason="a second version")
 
     def start() -> tuple[subprocess.Popen, str]:
         port = free_port()

@@ -610,6 +610,9 @@ def _gate_table(g) -> Table:
     for c in g.criteria:
         t.add_row(c["name"], f"{c['candidate']:.3f}", "-" if c["reference"] is None else f"{c['reference']:.3f}",
                   f">= {c['required']:.3f}", "[green]ok[/]" if c["passed"] else "[red]fails[/]")
+    if g.overrides:  # recorded in gate.json and on the version too
+        t.caption = "changed from ftlib's defaults: " + ", ".join(f"{k}={v['value']} (default {v['default']})"
+                                                                 for k, v in g.overrides.items())
     return t
 
 
