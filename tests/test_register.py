@@ -435,3 +435,41 @@ def test_gate_json_and_table_show_every_criterion(work, tiny_model, tiny_adapter
     assert g["baseline"]["score"] == pytest.approx(next(c for c in g["criteria"] if c["name"].startswith("beats TF-IDF"))["reference"], abs=1e-4)
     for row in ("accuracy >= accuracy_threshold", "beats TF-IDF baseline", "beats base model"):
         assert row in r.output
+
+
+def test_concurrent_registers_of_one_candidate_make_one_version(work, tiny_model, tiny_adapter):
+    """Issue 16: two `ftlib register` of the same candidate at once used to make versions 2 and 3 with one run key."""
+    n = name()
+    args = [sys.executable, "-m", "ftlib", "register", "-o", f"base_model={tiny_model}", "-o", f"register.model_name={n}",
+            "-o", "register.accuracy_threshold=0", *[a for o in GATE_MECHANICS_ONLY for a in ("-o", o)],
+            "-o", "register.log_merged=false", "--adapter", tiny_adapter]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert len(versions_of(n)) == 1, outs
+    assert sum("already registered" in o for o in outs) == 2, outs
+
+
+def test_concurrent_promotions_never_lose_a_history_event(work, tiny_model, tiny_adapter):
+    """Issue 16: 9 concurrent `ftlib promote` all exited 0 and 2 events were missing from the champion history."""
+    from mlflow import MlflowClient
+
+    from ftlib.registry.promote import HISTORY_TAG
+    from ftlib.registry.register import register
+
+    n = name()
+    register(reg_params(tiny_model, n), Path(tiny_adapter))
+    register(reg_params(tiny_model, n, "benchmark.decode_tokens=5"), Path(tiny_adapter))  # other params: another run key
+    vs = sorted(int(v.version) for v in versions_of(n))
+    assert vs == [1, 2]
+    cmds = [[sys.executable, "-m", "ftlib", "promote", n, "--version", str(vs[i % 2]), "--reason", f"round {i}"]
+            for i in range(9)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    history = json.loads(MlflowClient().get_registered_model(n).tags[HISTORY_TAG])
+    # every promotion that moved the alias is an event (one that found its version already champion changed nothing)
+    changed = sorted(f"round {i}" for i, o in enumerate(outs) if "promoted:" in o)
+    assert changed and sorted(e["reason"] for e in history) == changed, (history, outs)
+    stack = json.loads(MlflowClient().get_registered_model(n).tags["ftlib.champion_stack"])
+    assert stack[-1] == history[-1]["version"] == str(MlflowClient().get_model_version_by_alias(n, "champion").version)

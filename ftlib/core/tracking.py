@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 
 class RegistryError(RuntimeError):
@@ -88,3 +90,26 @@ def probe(uri: str) -> None:
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise RegistryError(f"MLflow tracking server {redact_url(uri)} is unreachable ({getattr(e, 'reason', e)}); "
                             "nothing was logged or registered. Start it (or fix MLFLOW_TRACKING_URI) and rerun.") from None
+
+
+@contextlib.contextmanager
+def registry_lock(name: str) -> Iterator[None]:
+    """Serialize register / promote / rollback of one registered model across this machine's processes
+    (Airflow workers on one host, CLI runs, the DAG and a person at once): an exclusive flock on a file in the
+    ftlib cache named after the tracking store and the model. Stores shared by several hosts are covered by
+    register's check after creating a version (the lowest version of a run key stays)."""
+    import fcntl
+    import hashlib
+
+    from ftlib.core.errors import cache_dir
+
+    setup_tracking()
+    key = hashlib.sha256(f"{os.environ['MLFLOW_TRACKING_URI']}\0{name}".encode()).hexdigest()[:16]
+    path = cache_dir() / "locks" / f"registry-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

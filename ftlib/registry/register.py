@@ -34,7 +34,7 @@ from typing import Any, Callable
 from ftlib.core import lineage
 from ftlib.core.atomic import replacing, write_json
 from ftlib.core.config import Params, as_dict, flatten
-from ftlib.core.tracking import RegistryError, setup_tracking
+from ftlib.core.tracking import RegistryError, registry_lock, setup_tracking
 from ftlib.core.log import get as get_logger
 
 logger = get_logger(__name__)
@@ -458,8 +458,9 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
              record: Path | None = None) -> Registration:
     """Gate the candidate and, when it passes (or `force` with a reason), register it as `challenger`.
     `record`: where to write what happened (status, name, version, run id, models:/ URI) as JSON, atomically."""
-    r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason,
-                  log or logger.info)
+    with registry_lock(params.register.model_name):  # two registers of one candidate at once: one version
+        r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason,
+                      log or logger.info)
     if record is not None:
         write_json(record, {"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
                             "uri": f"models:/{r.name}/{r.version}" if r.version else None})
@@ -543,6 +544,11 @@ def _register(params: Params, adapter: Path, data_dir: Path, reports: Path, quan
     import mlflow
 
     mv = mlflow.register_model(model_uri, name, tags=version_tags)
+    same = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'"))
+    if same and same[0] < int(mv.version):  # another host registered this candidate meanwhile (a shared remote store)
+        c.delete_model_version(name, str(mv.version))
+        return Registration("exists", None, name, str(same[0]), run_id,
+                            [f"already registered: {name} v{same[0]} has run key {key} (registered concurrently)"])
     _finish(c, name, str(mv.version), card)
     return Registration("registered", g, name, str(mv.version), run_id,
                         [f"registered {name} v{mv.version} as @challenger (run {run_id})"])
