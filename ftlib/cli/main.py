@@ -817,29 +817,34 @@ def lineage(
 @app.command()
 def serve(
     model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS or models:/NAME/VERSION."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8080, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Beyond loopback, set FTLIB_SERVE_TOKEN (bearer token) too."),
+    port: int = typer.Option(8000, "--port", help="Checked before the model loads (Airflow's webserver has 8080)."),
     runtime: str = typer.Option("transformers", "--runtime", help="transformers (base + adapter) or llama.cpp (the version's shipped GGUF)."),
+    max_queue: int = typer.Option(32, "--max-queue", min=0, help="Requests that may wait for the model; one more gets 503."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Clamp for max_tokens (and the context left)."),
+    timeout: float = typer.Option(120.0, "--timeout", min=1, help="Seconds a request may wait for the model before 503."),
 ) -> None:
-    """Serve a registered model over HTTP: OpenAI-style /v1/chat/completions, MLflow-style /invocations, /health.
+    """Serve a registered model over HTTP (FastAPI on uvicorn): OpenAI-style /v1/chat/completions, MLflow-style /invocations, /health.
 
-    The alias is resolved at start: restart after `ftlib promote` or a rollback to serve the new champion.
+    The alias is resolved at start: restart after `ftlib promote` or a rollback to serve the new champion. Requests queue for the model (one at a time on a CPU); the body, inputs, prompt length and max_tokens are bounded, and a client's mistake is a 400.
 
     [b]Examples[/]
 
       ftlib serve --model models:/ftlib-sentiment@champion
 
-      curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Loved it!"}]}'
+      curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Loved it!"}]}'
 
-      curl -s localhost:8080/invocations -d '{"inputs": ["Loved it!", "Never again."]}'
+      curl -s localhost:8000/invocations -d '{"inputs": ["Loved it!", "Never again."]}'
 
-      ftlib serve -m models:/ftlib-sentiment@champion --runtime llama.cpp --port 8081
+      FTLIB_SERVE_TOKEN=s3cret ftlib serve -m models:/ftlib-sentiment@champion --runtime llama.cpp --host 0.0.0.0
     """
     from ftlib.registry.pull import load_version
+    from ftlib.serving.serve import Limits, check_port
     from ftlib.serving.serve import serve as run_serve
 
+    check_port(host, port)
     loaded, mv = load_version(model, runtime)
-    run_serve(loaded, mv, model, host, port, runtime)
+    run_serve(loaded, mv, model, host, port, runtime, Limits(max_queue=max_queue, max_new_tokens=max_new_tokens, deadline_s=timeout))
 
 
 def _print_summary() -> None:
