@@ -57,8 +57,8 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
         "executor": Param("local", type="string", enum=["local", "kubernetes"],
                           description="local: every stage in the task process on this worker; kubernetes: train and quantize in GPU pods."),
         "gpus": Param(1, type="integer", minimum=1, maximum=8, description="GPUs per pod (>1 runs `accelerate launch`)."),
-        "project_dir": Param(PROJECT_DIR, type="string", description="Checkout holding params.yaml and data/."),
-        "params_file": Param("params.yaml", type="string", description="params.yaml, relative to project_dir."),
+        "params_file": Param("params.yaml", type="string",
+                             description="params.yaml, relative to the project dir (the deployment's FTLIB_PROJECT_DIR)."),
         "raw_dir": Param("data/raw", type="string", description="Where new JSONL data lands."),
         "validated_dir": Param("data/validated", type="string", description="report.json, quarantine.jsonl, Data Docs."),
         "splits_dir": Param("data/splits", type="string", description="train/validation/test.jsonl."),
@@ -69,7 +69,9 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
                            description="Run the stages as `dvc repro` when paths and params are dvc.yaml's: "
                                        "unchanged data, params and code reuse DVC's cache instead of retraining."),
         "overrides": Param([], type="array", items={"type": "string", "pattern": "^[a-z][a-z0-9_.]*=.*$"},
-                           description="Any other params.yaml override, e.g. train.lora_dropout=0.05."),
+                           description="Other params.yaml overrides, e.g. train.lora_dropout=0.05: base_model, template, "
+                                       "max_seq_length, data.*, validate.*, split.*, train.* (not its output paths), quantize.*, "
+                                       "benchmark.*. Security settings, path roots and the gate (register.*) are params.yaml's only."),
     },
     tags=["ftlib", "llm", "fine-tuning"],
     doc_md=__doc__,

@@ -4,7 +4,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
   core      config, formats, atomic, errors, security, models, lineage, tracking: no ML stage logic
   serving   generate (inference on any model form), serve and the pyfunc every registered version carries
   stages    validate, split, train, evaluate, benchmark, quantize, merge, review, distill, prune
-  registry  the gate, register, promote (MLflow registry)
+  registry  the gate, register, promote (MLflow registry); the run summary; the whole pipeline through DVC
   faces     cli (parse -> call -> print) and airflow (DAG glue); nothing imports a face but ftlib.__main__
 
 Every import counts, including the ones inside functions (that is where circles hide).

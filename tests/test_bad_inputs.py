@@ -135,6 +135,40 @@ def test_dangling_symlink_is_unreadable(tmp_path):
     assert r.exit_code == 1 and f"{link}:0: unreadable:" in clean(r) and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_bad_symlink_inside_the_raw_dir_is_unreadable_not_skipped(tmp_path, kind):
+    """Issue 16: `ftlib validate data/raw` used to skip a dangling symlink or a symlink loop and exit 0."""
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "good.jsonl", balanced(3))
+    link = raw / "broken.jsonl"
+    if kind == "dangling":
+        link.symlink_to(raw / "deleted-target.jsonl")
+    else:
+        (raw / "other.jsonl").symlink_to(link)
+        link.symlink_to(raw / "other.jsonl")
+    r = runner.invoke(app, ["validate", str(raw), "--report-dir", str(tmp_path / "v"), *NO_DOCS])
+    assert r.exit_code == 1 and f"{link}:0: unreadable:" in clean(r), clean(r)
+    r = runner.invoke(app, ["split", str(raw), "--out-dir", str(tmp_path / "s"), *NO_DOCS])
+    assert r.exit_code == 1 and not (tmp_path / "s").exists()
+
+
+def test_nfc_and_nfd_copies_of_one_review_are_the_same_review(tmp_path):
+    """Issue 16: the same text with composed (NFC) and decomposed (NFD) accents, opposite labels: a contradiction;
+    same label: a duplicate."""
+    import unicodedata
+
+    text = "La atención fue pésima y el envío llegó roto."
+    nfc, nfd = unicodedata.normalize("NFC", text), unicodedata.normalize("NFD", text)
+    assert nfc != nfd
+    row = {"instruction": "Clasifica el sentimiento", "input": nfc, "output": "NEGATIVO"}
+    f = write_jsonl(tmp_path / "c.jsonl", [*balanced(3), row, {**row, "input": nfd, "output": "POSITIVO"}])
+    r = runner.invoke(app, ["validate", str(f), "--report-dir", str(tmp_path / "v"), *NO_DOCS])
+    assert r.exit_code == 1 and "contradiction" in clean(r), clean(r)
+    f = write_jsonl(tmp_path / "d.jsonl", [*balanced(3), row, {**row, "input": nfd}])
+    r = runner.invoke(app, ["validate", str(f), "--report-dir", str(tmp_path / "v2"), *NO_DOCS])
+    assert r.exit_code == 1 and "duplicate" in clean(r), clean(r)
+
+
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 def test_read_error_midway_is_unreadable(tmp_path, tokenizer):
     """Works as root: reading /proc/self/mem at offset 0 fails with EIO after a successful open.

@@ -37,6 +37,26 @@ def test_bad_overrides_are_refused(override):
         load_params(None, [override])
 
 
+@pytest.mark.parametrize("override, key", [
+    ("split.train=nan", "split.train"), ("split.train=0", "split"), ("train.lora_r=0", "train.lora_r"),
+    ("train.learning_rate=nan", "train.learning_rate"), ("train.learning_rate=-1e-4", "train.learning_rate"),
+    ("max_seq_length=0", "max_seq_length"), ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size"),
+    ("base_model=", "base_model"), ("register.model_name= ", "register.model_name"), ("train.lora_r=abc", "train.lora_r"),
+    ("train.max_steps=0", "train.max_steps"), ("train.num_train_epochs=inf", "train.num_train_epochs"),
+    ("train.lora_dropout=1", "train.lora_dropout"), ("register.accuracy_threshold=1.5", "register.accuracy_threshold"),
+    ("trust_remote_code=1", "trust_remote_code"), ("data.labels=A,A", "data.labels"), ("train.target_modules=", "train.target_modules"),
+    ("quantize.max_quant_drop={q8_0: 2}", "quantize.max_quant_drop.q8_0"), ("benchmark.max_examples=-3", "benchmark.max_examples"),
+])
+def test_every_bad_value_is_refused_at_load_with_its_key(override, key):
+    """Issue 16: a value that would fail 40 s later (or silently write an empty split) exits 2 at load, naming the key."""
+    with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}"):
+        load_params(None, [override])
+
+
+def test_optional_values_may_be_null():
+    assert load_params(None, ["register.baseline_margin=null"]).register.baseline_margin is None
+
+
 def test_unknown_key_in_file_is_refused(tmp_path: Path):
     f = tmp_path / "params.yaml"
     f.write_text("split:\n  trian: 0.8\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GATE_MECHANICS_ONLY, REPO, balanced, write_jsonl
+from tests.conftest import REPO, balanced, write_jsonl
 
 DAGS = REPO / "dags"
 
@@ -42,6 +42,9 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     good = write_jsonl(tmp_path / "good" / "d.jsonl", balanced(10))
     bad = write_jsonl(tmp_path / "bad" / "d.jsonl", balanced(3) + ['{"instruction": "x", "output": 5}'])
+    ok_params, refuse_params = tmp_path / "params_ok.yaml", tmp_path / "params_refuse.yaml"
+    dag_params(ok_params, tiny_model, tmp_path / "adapter", accuracy_threshold=0.0)
+    dag_params(refuse_params, tiny_model, tmp_path / "adapter_refused", accuracy_threshold=1.0)
     script = textwrap.dedent(f"""
         import json, sys
         from airflow.dag_processing.dagbag import DagBag
@@ -50,19 +53,19 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
         out = {{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dags),
                "tasks": [t.task_id for t in dag.tasks], "max_active_runs": dag.max_active_runs}}
         tmp = {str(tmp_path)!r}
-        overrides = ["base_model={tiny_model}", "train.max_steps=2", "train.eval_steps=0", "train.per_device_train_batch_size=4",
-                     "train.output_dir=" + tmp + "/adapter", "train.checkpoint_dir=" + tmp + "/ckpt",
-                     "quantize.variants=q8_0,torch-int8", "benchmark.include_base=false", "benchmark.max_examples=3",
-                     "benchmark.decode_tokens=4", "benchmark.max_new_tokens=4", "register.model_name=dag-test",
-                     "register.accuracy_threshold=0", "register.log_merged=false", *{GATE_MECHANICS_ONLY!r}]
-        refuse = overrides + ["register.accuracy_threshold=1.01", "train.output_dir=" + tmp + "/adapter_refused"]
-        for name, raw, o in (("good", {str(good.parent)!r}, overrides), ("bad", {str(bad.parent)!r}, overrides),
-                             ("refused", {str(good.parent)!r}, refuse)):
-            run = dag.test(run_conf={{"raw_dir": raw, "validated_dir": raw + "/../out_" + name + "/validated",
-                                     "splits_dir": raw + "/../out_" + name + "/splits", "overrides": o,
+        # the gate and output paths come from a params file (the form's overrides may not set them: issue 16)
+        runs = (("good", {str(good.parent)!r}, {str(ok_params)!r}), ("bad", {str(bad.parent)!r}, {str(ok_params)!r}),
+                ("refused", {str(good.parent)!r}, {str(refuse_params)!r}),
+                ("passwd", "../" * 30 + "etc/passwd", {str(ok_params)!r}))  # the form path that once read /etc/passwd
+        for name, raw, params_file in runs:
+            run = dag.test(run_conf={{"raw_dir": raw, "validated_dir": tmp + "/out_" + name + "/validated",
+                                     "splits_dir": tmp + "/out_" + name + "/splits", "params_file": params_file,
+                                     "overrides": ["train.per_device_train_batch_size=4"],
                                      "reports_dir": tmp + "/reports_" + name, "merged_dir": tmp + "/merged",
                                      "quantized_dir": tmp + "/quantized"}})
             out[name] = {{"state": str(run.state), "tis": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}
+        run = dag.test(run_conf={{"overrides": ["trust_remote_code=true"]}})
+        out["widen"] = {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}
 
         # promotion DAG: promote the challenger, then a rollback with nothing to roll back to fails clearly
         promote = bag.dags["promote_model"]
@@ -141,6 +144,27 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert out["bad"]["state"] == "failed"
     assert out["bad"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
     assert not (tmp_path / "out_bad" / "splits").exists()
+    # raw_dir=../../etc/passwd: validate fails on the path before reading anything; nothing of passwd is copied
+    assert out["passwd"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
+    assert "outside the allowed roots" in r.stdout + r.stderr
+    assert not (tmp_path / "out_passwd").exists()
+    assert not [f for f in tmp_path.rglob("*") if f.is_file() and b"root:x:0:0" in f.read_bytes()]
+    assert out["widen"]["validate"] == "failed" and "not allowed from the DAG form" in r.stdout + r.stderr
+
+
+def dag_params(path: Path, base_model: str, adapter: Path, accuracy_threshold: float) -> None:
+    """A tiny run's params file: 2 steps, Q8_0 + torch-int8, a 3-row benchmark, only the accuracy bar of the gate."""
+    import yaml
+
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["base_model"] = base_model
+    p["validate"]["data_docs"] = False
+    p["train"].update(max_steps=2, eval_steps=0, output_dir=str(adapter), checkpoint_dir=str(adapter.parent / "ckpt"))
+    p["quantize"]["variants"] = ["q8_0", "torch-int8"]
+    p["benchmark"].update(include_base=False, max_examples=3, decode_tokens=4, max_new_tokens=4)
+    p["register"].update(model_name="dag-test", accuracy_threshold=accuracy_threshold, f1_threshold=0.0, baseline_margin=None,
+                         check_base_model=False, log_merged=False)
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
 @pytest.mark.slow
@@ -153,7 +177,7 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
     from scripts.airflow_e2e import write_tiny_params
 
     home = tmp_path / "af"
-    env = airflow_env(home)
+    env = {**airflow_env(home), "FTLIB_PROJECT_DIR": str(tmp_path / "proj")}
     root = tmp_path / "proj"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
@@ -174,7 +198,7 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
             if name == "rerun":
                 shutil.rmtree({str(root / "models" / "adapter")!r})
             print(f"=== {{name}} ===", flush=True)
-            run = dag.test(run_conf={{"project_dir": {str(root)!r}}})
+            run = dag.test(run_conf={{}})  # the project is the deployment's: FTLIB_PROJECT_DIR
             out[name] = {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}
         print("RESULT " + json.dumps(out))
     """)

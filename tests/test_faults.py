@@ -197,3 +197,32 @@ def test_gate_refuses_metrics_it_cannot_tie_to_the_candidate(tmp_path):
     metrics = {"model_files": {}, "data_md5": md5(test)}  # e.g. `evaluate --model embedded:...`
     assert "cannot identify the candidate's weights" in provenance_problems(metrics, pickle_only, test)[0]
     assert "does not record" in provenance_problems({"accuracy": 1.0}, pickle_only, test)[0]
+
+
+def test_a_locked_mlflow_store_is_waited_for_then_one_line(tmp_path, monkeypatch):
+    """Issue 16: a SQLite store another process holds locked used to end in a 273-line traceback. Now ftlib waits
+    (sqlite's busy timeout) and, if the lock outlives it, exits 1 with one line; a lock released in time is waited out."""
+    import sqlite3
+    import threading
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from ftlib.cli import app
+    from ftlib.core import tracking
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    mlflow.MlflowClient().search_registered_models()  # creates the store's tables
+    monkeypatch.setattr(tracking, "SQLITE_WAIT_S", 1.0)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    r = CliRunner().invoke(app, ["models", "list", "m"])
+    assert r.exit_code == 1 and "locked by another process" in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) <= 3
+
+    monkeypatch.setattr(tracking, "SQLITE_WAIT_S", 20.0)
+    threading.Timer(1.0, lambda: holder.execute("ROLLBACK")).start()
+    r = CliRunner().invoke(app, ["models", "list", "m"])
+    assert r.exit_code == 2 and "no registered model named 'm'" in r.output, r.output  # it got through to the store
+    holder.close()

@@ -26,6 +26,28 @@ def test_only_set_params_become_overrides():
     assert (p.train.method, p.train.lora_r, p.train.learning_rate) == ("lora", 8, 5e-5)
 
 
+@pytest.mark.parametrize("item", ["trust_remote_code=true", "allow_pickle_weights=true", "paths.allowed_roots=/",
+                                  "register.accuracy_threshold=0", "register.min_improvement=-1", "register.model_name=x",
+                                  "train.output_dir=/etc/ftlib", "train.checkpoint_dir=/tmp/x", "max_seq_lengthx=1"])
+def test_form_overrides_cannot_widen_permissions_or_loosen_the_gate(item):
+    """Issue 16: the form's `overrides` accepted trust_remote_code=true, allow_pickle_weights=true and
+    paths.allowed_roots=/. Now they pass an allow-list; the message names the override."""
+    from ftlib.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not allowed from the DAG form"):
+        overrides({}, [item])
+    assert "register.accuracy_threshold" not in [key for key, _ in TUNABLES.values()]  # nor a form field for the gate
+
+
+def test_the_project_dir_comes_from_the_deployment(tmp_path, monkeypatch):
+    from ftlib.airflow.orchestrate import deployment_project
+
+    monkeypatch.delenv("FTLIB_PROJECT_DIR", raising=False)
+    assert deployment_project(str(REPO / "dags" / "finetune_llama3.py")) == REPO
+    monkeypatch.setenv("FTLIB_PROJECT_DIR", str(tmp_path))
+    assert deployment_project(str(REPO / "dags" / "finetune_llama3.py")) == tmp_path
+
+
 def test_collect_landed_moves_finished_files_atomically_and_never_overwrites(tmp_path):
     landing, raw = tmp_path / "landing", tmp_path / "raw"
     landing.mkdir()

@@ -164,11 +164,19 @@ def test_champion_is_rescored_promotion_and_rollback(work, tiny_model, tiny_adap
     assert champ["version"] == "1" and champ["score"] == pytest.approx(v1.gate.candidate["score"])  # re-scored, not 0.9999
     assert "does not beat champion v1" in refused.gate.reasons[0]
 
-    v2 = register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter))
+    # a negative min_improvement loosens the gate: refused unless forced, and the forced version promotes only with --force
+    loose = register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter))
+    assert loose.status == "refused" and "register.min_improvement=-1 accepts a candidate worse" in loose.gate.reasons[0]
+    assert loose.gate.overrides["register.min_improvement"] == {"value": -1.0, "default": 0.01}
+    v2 = register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter), force=True,
+                  reason="ties v1, newer data")
     assert v2.status == "registered" and v2.version == "2"
     assert str(c.get_model_version_by_alias(n, "challenger").version) == "2"
+    assert json.loads(c.get_model_version(n, "2").tags["ftlib.gate.overrides"])["register.min_improvement"]["value"] == -1
+    with pytest.raises(RegistryError, match="failed the gate"):
+        promote(c, n, version="2", reason="ties v1, newer data")
 
-    r = promote(c, n, version="2", reason="ties v1, newer data")
+    r = promote(c, n, version="2", reason="ties v1, newer data", force=True)
     assert r == {"version": "2", "previous": "1", "changed": True}
     assert str(c.get_model_version_by_alias(n, "champion").version) == "2"
     assert str(c.get_model_version_by_alias(n, "previous-champion").version) == "1"
@@ -284,9 +292,9 @@ def test_serve_answers_with_a_label_and_follows_the_alias(work, tiny_model, tiny
 
     c, n = MlflowClient(), name()
     register(reg_params(tiny_model, n), Path(tiny_adapter))
-    register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter))
+    register(reg_params(tiny_model, n, "register.min_improvement=-1"), Path(tiny_adapter), force=True, reason="a second version")
     promote(c, n, version="1")
-    promote(c, n, version="2")
+    promote(c, n, version="2", force=True, reason="a second version")
 
     def start() -> tuple[subprocess.Popen, str]:
         port = free_port()
@@ -427,3 +435,41 @@ def test_gate_json_and_table_show_every_criterion(work, tiny_model, tiny_adapter
     assert g["baseline"]["score"] == pytest.approx(next(c for c in g["criteria"] if c["name"].startswith("beats TF-IDF"))["reference"], abs=1e-4)
     for row in ("accuracy >= accuracy_threshold", "beats TF-IDF baseline", "beats base model"):
         assert row in r.output
+
+
+def test_concurrent_registers_of_one_candidate_make_one_version(work, tiny_model, tiny_adapter):
+    """Issue 16: two `ftlib register` of the same candidate at once used to make versions 2 and 3 with one run key."""
+    n = name()
+    args = [sys.executable, "-m", "ftlib", "register", "-o", f"base_model={tiny_model}", "-o", f"register.model_name={n}",
+            "-o", "register.accuracy_threshold=0", *[a for o in GATE_MECHANICS_ONLY for a in ("-o", o)],
+            "-o", "register.log_merged=false", "--adapter", tiny_adapter]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert len(versions_of(n)) == 1, outs
+    assert sum("already registered" in o for o in outs) == 2, outs
+
+
+def test_concurrent_promotions_never_lose_a_history_event(work, tiny_model, tiny_adapter):
+    """Issue 16: 9 concurrent `ftlib promote` all exited 0 and 2 events were missing from the champion history."""
+    from mlflow import MlflowClient
+
+    from ftlib.registry.promote import HISTORY_TAG
+    from ftlib.registry.register import register
+
+    n = name()
+    register(reg_params(tiny_model, n), Path(tiny_adapter))
+    register(reg_params(tiny_model, n, "benchmark.decode_tokens=5"), Path(tiny_adapter))  # other params: another run key
+    vs = sorted(int(v.version) for v in versions_of(n))
+    assert vs == [1, 2]
+    cmds = [[sys.executable, "-m", "ftlib", "promote", n, "--version", str(vs[i % 2]), "--reason", f"round {i}"]
+            for i in range(9)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    history = json.loads(MlflowClient().get_registered_model(n).tags[HISTORY_TAG])
+    # every promotion that moved the alias is an event (one that found its version already champion changed nothing)
+    changed = sorted(f"round {i}" for i, o in enumerate(outs) if "promoted:" in o)
+    assert changed and sorted(e["reason"] for e in history) == changed, (history, outs)
+    stack = json.loads(MlflowClient().get_registered_model(n).tags["ftlib.champion_stack"])
+    assert stack[-1] == history[-1]["version"] == str(MlflowClient().get_model_version_by_alias(n, "champion").version)

@@ -500,3 +500,83 @@ def test_ci_audits_before_the_tests():
     assert "set -euo pipefail" in lines and lines[-1] == "make test"
     assert lines.index(".venv/bin/python scripts/audit.py") < lines.index("make test")
     assert "pip-audit" in (REPO / "pyproject.toml").read_text() and re.search(r"^pip-audit==", (REPO / "constraints.txt").read_text(), re.M)
+
+
+# ---------------------------------------------------------------------------
+# No credentials in lineage, tags or messages (issue 16)
+
+FAKE_TOKEN = "ghp_FAKEtoken1234567890abcdef"
+
+
+@pytest.mark.parametrize("url, shown", [
+    (f"https://x-access-token:{FAKE_TOKEN}@github.com/org/repo.git", "https://github.com/org/repo.git"),
+    (f"https://{FAKE_TOKEN}@github.com/org/repo.git", "https://github.com/org/repo.git"),
+    ("http://alice:S3cret@mlflow.internal:5000", "http://mlflow.internal:5000"),
+    ("ssh://git:S3cret@host/repo.git", "ssh://git@host/repo.git"),
+    ("git@github.com:org/repo.git", "git@github.com:org/repo.git"),
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+])
+def test_urls_lose_their_credentials(url, shown):
+    from ftlib.core.security import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_a_token_in_the_git_remote_never_reaches_the_lineage(tmp_path):
+    from ftlib.core import lineage
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin",
+                    f"https://x-access-token:{FAKE_TOKEN}@github.com/org/repo.git"], check=True)
+    make_splits(tmp_path / "data" / "splits")
+    (tmp_path / "adapter").mkdir()
+    from ftlib.core.config import as_dict
+
+    tags = lineage.of(lineage.collect(as_dict(Params()), tmp_path / "data" / "splits", tmp_path / "adapter", root=tmp_path))
+    assert tags["git.remote"] == "https://github.com/org/repo.git"
+    # a version registered before this fix: the rebuild commands still print the remote without the token
+    rebuild = lineage.rebuild_commands({**tags, "git.remote": f"https://u:{FAKE_TOKEN}@github.com/org/repo.git"}, "m", "1")
+    assert not any(FAKE_TOKEN in v for v in tags.values()) and not any(FAKE_TOKEN in c for c in rebuild)
+
+
+def test_a_password_in_the_tracking_uri_is_never_printed(tmp_path, monkeypatch):
+    """A dead server: the message names it without the password (and says unreachable, which it is)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the with-block ends: nothing listens there
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["models", "list", "m"], env={"MLFLOW_TRACKING_URI": f"http://alice:S3cret@127.0.0.1:{port}"})
+    assert r.exit_code == 2, r.output
+    assert f"http://127.0.0.1:{port}" in r.output and "unreachable" in r.output and "S3cret" not in r.output
+
+
+def test_the_tracking_probe_sends_the_uri_credentials(monkeypatch):
+    """A server behind basic auth is reachable with the URI's user:password, and a wrong one is called what it is."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ftlib.core.tracking import RegistryError, probe
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            ok = self.headers.get("Authorization") == "Basic " + base64.b64encode(b"alice:S3cret").decode()
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        probe(f"http://alice:S3cret@127.0.0.1:{port}")  # no error
+        with pytest.raises(RegistryError, match="refused the credentials") as e:
+            probe(f"http://alice:wrong@127.0.0.1:{port}")
+        assert "wrong" not in str(e.value)
+    finally:
+        server.shutdown()

@@ -29,15 +29,47 @@ TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
     "num_train_epochs": ("train.num_train_epochs", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 100}),
     "max_steps": ("train.max_steps", {"type": ["null", "integer"], "minimum": -1,
                                       "description": "-1 = train num_train_epochs; otherwise stop after this many steps"}),
-    "accuracy_threshold": ("register.accuracy_threshold", {"type": ["null", "number"], "minimum": 0, "maximum": 1}),
-    "min_improvement": ("register.min_improvement", {"type": ["null", "number"], "minimum": -1, "maximum": 1}),
 }
+
+# What a form's `overrides` may change (key prefixes). Not on it, because a UI user must not widen what the
+# deployment allows: trust_remote_code and allow_pickle_weights (security), paths.* (the roots form paths are
+# confined to), register.* (the gate and the registered name: change them in params.yaml, reviewed in git),
+# train.output_dir / train.checkpoint_dir (paths: the form's own path fields are confined instead).
+OVERRIDABLE = ("base_model=", "template=", "max_seq_length=", "data.", "validate.", "split.", "train.", "quantize.", "benchmark.")
+NOT_OVERRIDABLE = ("train.output_dir=", "train.checkpoint_dir=")
+
+
+def form_overrides(items: list[str] | None) -> list[str]:
+    """The form's `overrides`, each checked against the allow-list (ConfigError names the first one refused)."""
+    from ftlib.core.config import ConfigError
+
+    out = []
+    for item in items or []:
+        item = str(item).strip()
+        if not item.startswith(OVERRIDABLE) or item.startswith(NOT_OVERRIDABLE):
+            raise ConfigError(f"override {item!r} is not allowed from the DAG form (security settings, path roots, "
+                              "output paths and the gate are set in params.yaml); allowed: " +
+                              ", ".join(k.rstrip("=") + ("*" if k.endswith(".") else "") for k in OVERRIDABLE))
+        out.append(item)
+    return out
+
+
+def deployment_project(dag_file: str | None = None) -> Path:
+    """The project checkout the tasks work in: FTLIB_PROJECT_DIR, else the folder above the DAG file (dags/..).
+    From the deployment, never from the trigger form: the form could otherwise point every confined path at
+    a directory of its choosing."""
+    if os.environ.get("FTLIB_PROJECT_DIR"):
+        return Path(os.environ["FTLIB_PROJECT_DIR"])
+    if dag_file is None:
+        raise ValueError("no FTLIB_PROJECT_DIR and no DAG file to derive the project dir from")
+    return Path(dag_file).resolve().parents[1]
 
 
 def overrides(conf: dict[str, Any], extra: list[str] | None = None) -> list[str]:
-    """`section.key=value` overrides from the DAG params that were set (not null)."""
+    """`section.key=value` overrides from the DAG params that were set (not null), then the form's
+    `overrides` list (allow-listed: form_overrides)."""
     out = [f"{key}={conf[name]}" for name, (key, _) in TUNABLES.items() if conf.get(name) is not None]
-    return out + list(extra or [])
+    return out + form_overrides(extra)
 
 
 # ---------------------------------------------------------------------------
@@ -103,10 +135,9 @@ def _is_dvc_project(root: Path) -> bool:
 
 
 def _dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    import sys
+    from ftlib.registry.pipeline import dvc_env
 
-    # dvc.yaml's commands call `ftlib`: the interpreter's bin dir (the venv) must be on PATH
-    return {**os.environ, **(extra or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return dvc_env(extra)
 
 
 def _dvc(root: Path, *args: str) -> Any:

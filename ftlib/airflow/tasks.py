@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ftlib.airflow.orchestrate import DvcReproError, dvc_reason, form_path, gpu_pod, overrides, push, repro, repro_command
+from ftlib.airflow.orchestrate import (DvcReproError, deployment_project, dvc_reason, form_path, gpu_pod, overrides, push,
+                                      repro, repro_command)
 from ftlib.core.config import Params, load_params
+from ftlib.core.security import PathError
 
 
 @dataclass
@@ -55,7 +57,10 @@ def current() -> Run:
     # lineage: register records the Airflow dag/run/task ids it finds here on the MLflow version
     os.environ.update({"AIRFLOW_CTX_DAG_ID": ctx["dag"].dag_id, "AIRFLOW_CTX_DAG_RUN_ID": ctx["run_id"],
                        "AIRFLOW_CTX_TASK_ID": ctx["task"].task_id})
-    project = Path(form["project_dir"])
+    if "project_dir" in form:
+        raise PathError("project_dir is the deployment's (FTLIB_PROJECT_DIR), not a form field; remove it from the run's conf")
+    project = deployment_project(ctx["dag"].fileloc)
+    form["project_dir"] = str(project)  # what dvc_reason and the pods read
     params_file = form_path(str(project), str(form["params_file"]))
     extra = overrides(form, form.get("overrides"))
     reason = dvc_reason(form)

@@ -610,7 +610,17 @@ def _gate_table(g) -> Table:
     for c in g.criteria:
         t.add_row(c["name"], f"{c['candidate']:.3f}", "-" if c["reference"] is None else f"{c['reference']:.3f}",
                   f">= {c['required']:.3f}", "[green]ok[/]" if c["passed"] else "[red]fails[/]")
+    if g.overrides:  # recorded in gate.json and on the version too
+        t.caption = "changed from ftlib's defaults: " + ", ".join(f"{k}={v['value']} (default {v['default']})"
+                                                                 for k, v in g.overrides.items())
     return t
+
+
+def _print_registration(r) -> None:
+    if r.gate is not None:
+        _wide(_gate_table(r.gate))
+    for m in r.messages:
+        out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
 
 
 @app.command()
@@ -674,10 +684,7 @@ def register(
     params = _params(params_file, overrides)
     r = run_register(params, adapter, data_dir, reports, quantized, merged, validation_report, force=force, reason=reason,
                      record=json_out)
-    if r.gate is not None:
-        _wide(_gate_table(r.gate))
-    for m in r.messages:
-        out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+    _print_registration(r)
     if r.version:
         out.print(f"next: ftlib lineage models:/{r.name}/{r.version} | ftlib promote {r.name} --version {r.version} --reason '...'")
     raise typer.Exit(3 if r.status == "refused" else 0)
@@ -810,29 +817,34 @@ def lineage(
 @app.command()
 def serve(
     model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS or models:/NAME/VERSION."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8080, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Beyond loopback, set FTLIB_SERVE_TOKEN (bearer token) too."),
+    port: int = typer.Option(8000, "--port", help="Checked before the model loads (Airflow's webserver has 8080)."),
     runtime: str = typer.Option("transformers", "--runtime", help="transformers (base + adapter) or llama.cpp (the version's shipped GGUF)."),
+    max_queue: int = typer.Option(32, "--max-queue", min=0, help="Requests that may wait for the model; one more gets 503."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Clamp for max_tokens (and the context left)."),
+    timeout: float = typer.Option(120.0, "--timeout", min=1, help="Seconds a request may wait for the model before 503."),
 ) -> None:
-    """Serve a registered model over HTTP: OpenAI-style /v1/chat/completions, MLflow-style /invocations, /health.
+    """Serve a registered model over HTTP (FastAPI on uvicorn): OpenAI-style /v1/chat/completions, MLflow-style /invocations, /health.
 
-    The alias is resolved at start: restart after `ftlib promote` or a rollback to serve the new champion.
+    The alias is resolved at start: restart after `ftlib promote` or a rollback to serve the new champion. Requests queue for the model (one at a time on a CPU); the body, inputs, prompt length and max_tokens are bounded, and a client's mistake is a 400.
 
     [b]Examples[/]
 
       ftlib serve --model models:/ftlib-sentiment@champion
 
-      curl -s localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Loved it!"}]}'
+      curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Loved it!"}]}'
 
-      curl -s localhost:8080/invocations -d '{"inputs": ["Loved it!", "Never again."]}'
+      curl -s localhost:8000/invocations -d '{"inputs": ["Loved it!", "Never again."]}'
 
-      ftlib serve -m models:/ftlib-sentiment@champion --runtime llama.cpp --port 8081
+      FTLIB_SERVE_TOKEN=s3cret ftlib serve -m models:/ftlib-sentiment@champion --runtime llama.cpp --host 0.0.0.0
     """
     from ftlib.registry.pull import load_version
+    from ftlib.serving.serve import Limits, check_port
     from ftlib.serving.serve import serve as run_serve
 
+    check_port(host, port)
     loaded, mv = load_version(model, runtime)
-    run_serve(loaded, mv, model, host, port, runtime)
+    run_serve(loaded, mv, model, host, port, runtime, Limits(max_queue=max_queue, max_new_tokens=max_new_tokens, deadline_s=timeout))
 
 
 def _print_summary() -> None:
@@ -845,6 +857,18 @@ def _print_summary() -> None:
     for k, v in summary(Path("reports"), Path("data/splits")).items():
         t.add_row(k, str(v))
     out.print(t)
+
+
+def _outputs_table() -> Table:
+    """Where every output of dvc.yaml went, and its size."""
+    from ftlib.registry.pipeline import outputs
+
+    table = Table(title="pipeline outputs")
+    for col in ("stage", "output", "size"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for stage, path, size in outputs():
+        table.add_row(stage, path, "missing" if size is None else f"{size / 1024:,.1f} KiB")
+    return table
 
 
 @app.command("run")
@@ -864,48 +888,22 @@ def run_pipeline(
 
       ftlib run --no-register
     """
-    import os
-    import subprocess
+    import json
 
-    import yaml
+    from ftlib.registry.pipeline import repro
+    from ftlib.registry.register import register as run_register
+    from ftlib.stages.benchmark import table as bench_table
 
-    if not Path("dvc.yaml").is_file():
-        raise ValueError("no dvc.yaml here; run from the project root")
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
-    out.print(f"$ {' '.join(['dvc', *cmd[3:]])}")
-    code = subprocess.call(cmd, env=env)
-    if code != 0:
+    out.print("$ dvc repro" + (" --force" if force else ""))
+    if (code := repro(force)) != 0:
         err.print(f"[red]pipeline failed[/] (dvc repro exit {code}); see the messages above")
         raise typer.Exit(1)
-
-    table = Table(title="pipeline outputs")
-    for col in ("stage", "output", "size"):
-        table.add_column(col, justify="right" if col == "size" else "left")
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            path = Path(next(iter(entry)) if isinstance(entry, dict) else entry)
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            size = sum(p.stat().st_size for p in files)
-            table.add_row(name, str(path) + ("/" if path.is_dir() else ""), f"{size / 1024:,.1f} KiB" if files else "missing")
-    out.print(table)
+    out.print(_outputs_table())
     if Path("reports/benchmark.json").is_file():
-        import json
-
-        from ftlib.stages.benchmark import table as bench_table
-
         Console(width=max(out.width, 150)).print(bench_table(json.loads(Path("reports/benchmark.json").read_text())))
-    r = None
-    if do_register:
-        from ftlib.registry.register import register as run_register
-
-        r = run_register(_params(Path("params.yaml"), None), record=Path("reports/registration.json"))
-        if r.gate is not None:
-            _wide(_gate_table(r.gate))
-        for m in r.messages:
-            out.print(("[red]" if r.status == "refused" else "[green]") + m + "[/]")
+    r = run_register(_params(Path("params.yaml"), None), record=Path("reports/registration.json")) if do_register else None
+    if r is not None:
+        _print_registration(r)
     _print_summary()
     if r is not None and r.status == "refused":
         out.print(f"the decision and every score are in MLflow run {r.run_id} and reports/gate.json; "
@@ -926,9 +924,9 @@ def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a user can act on; None for a bug."""
     from ftlib.core.atomic import DiskFullError, is_disk_full
     from ftlib.core.errors import InvalidData, ModelError
-    from ftlib.core.tracking import RegistryError
+    from ftlib.core.tracking import RegistryError, is_locked_store
 
-    if isinstance(e, (InvalidData, DiskFullError)) or is_disk_full(e):
+    if isinstance(e, (InvalidData, DiskFullError)) or is_disk_full(e) or is_locked_store(e):
         return 1
     if isinstance(e, (ModelError, RegistryError, ValueError, OSError)):  # ConfigError, PathError, UsageError: ValueErrors
         return 2
@@ -940,6 +938,7 @@ def exit_code(e: BaseException) -> int | None:
 def _report(e: BaseException) -> None:
     from ftlib.core.atomic import DiskFullError, is_disk_full
     from ftlib.core.errors import InvalidData
+    from ftlib.core.tracking import is_locked_store
 
     if isinstance(e, InvalidData):  # the FILE:LINE: RULE: message lines, then one verdict
         _print_issues(e)
@@ -951,6 +950,9 @@ def _report(e: BaseException) -> None:
         err.print(f"[red]error:[/] {escape(e.strerror)}")
     elif is_disk_full(e):
         err.print(f"[red]error:[/] disk full: {escape(str(e))}")
+    elif is_locked_store(e):
+        err.print("[red]error:[/] the MLflow SQLite store is locked by another process (still after sqlite's busy "
+                  "timeout); let it finish (or stop it) and rerun")
     else:
         err.print(f"[red]error:[/] {escape(str(e))}")
 

@@ -272,10 +272,83 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+# Allowed ranges of the numeric params: key -> (lowest, highest). None = unbounded on that side.
+# Everything numeric must also be finite; checked at load, so a bad value exits 2 before any work.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "max_seq_length": (1, None),
+    "validate.min_output_chars": (0, None), "validate.max_line_bytes": (1, None), "validate.max_class_imbalance": (1, None),
+    "split.train": (0, 1), "split.validation": (0, 1), "split.test": (0, 1),
+    "train.lora_r": (1, None), "train.lora_alpha": (1, None), "train.lora_dropout": (0, 0.99), "train.lora_layers": (0, None),
+    "train.num_virtual_tokens": (1, None), "train.learning_rate": (1e-12, 10), "train.warmup_steps": (0, None),
+    "train.weight_decay": (0, None), "train.max_grad_norm": (0, None), "train.num_train_epochs": (1e-9, None),
+    "train.max_steps": (-1, None), "train.per_device_train_batch_size": (1, None), "train.gradient_accumulation_steps": (1, None),
+    "train.gradient_checkpointing_fraction": (0, 1), "train.lm_head_chunk": (1, None), "train.eval_steps": (0, None),
+    "train.save_steps": (1, None), "train.save_total_limit": (1, None), "train.early_stopping_patience": (0, None),
+    "train.logging_steps": (1, None),
+    "benchmark.max_new_tokens": (1, None), "benchmark.decode_tokens": (1, None), "benchmark.max_examples": (0, None),
+    "benchmark.latency_examples": (0, None),
+    "register.accuracy_threshold": (0, 1), "register.f1_threshold": (0, 1), "register.min_improvement": (-1, 1),
+    "register.baseline_margin": (-1, 1),
+}
+NON_EMPTY = ("base_model", "register.model_name", "train.output_dir", "train.checkpoint_dir", "train.target_modules",
+             "quantize.variants")
+
+
+def _fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, bool]]:
+    """(dotted key, value, the dataclass default, whether None is allowed) of every leaf param."""
+    defaults = type(obj)()
+    for f in dataclasses.fields(obj):
+        value, default = getattr(obj, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):
+            yield from _fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, default, "None" in str(f.type)
+
+
+def _check_values(p: Params) -> None:
+    """Types (as the defaults have them), finiteness, ranges and non-empty names, with the key in every message."""
+    import math
+
+    for key, value, default, optional in _fields(p):
+        kind = type(default)
+        if value is None and optional:
+            continue
+        if kind is str:  # text; auto|true|false and batch_tokens are checked (and normalized) by name below
+            if not isinstance(value, (str, bool, int)):
+                raise ConfigError(f"{key}: expected text, got {value!r}")
+        elif kind is bool or isinstance(value, bool):
+            if type(value) is not kind:
+                raise ConfigError(f"{key}: expected {'true or false' if kind is bool else 'a number'}, got {value!r}")
+        elif kind is int and not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        elif kind is float and not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        elif kind in (list, dict) and not isinstance(value, kind):
+            raise ConfigError(f"{key}: expected a {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        if key in RANGES and isinstance(value, (int, float)):
+            low, high = RANGES[key]
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else f">= {low:g}"
+                raise ConfigError(f"{key}: must be {bounds}, got {value!r}")
+        if key in NON_EMPTY and not (value.strip() if isinstance(value, str) else value):
+            raise ConfigError(f"{key}: must not be empty")
+    if p.train.max_steps == 0:
+        raise ConfigError("train.max_steps: -1 (train num_train_epochs) or a positive number of steps, got 0")
+    for name, drop in p.quantize.max_quant_drop.items():
+        if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0 <= drop <= 1:
+            raise ConfigError(f"quantize.max_quant_drop.{name}: an accuracy drop between 0 and 1, got {drop!r}")
+    labels = [str(label).strip() for label in p.data.labels]
+    if any(not label for label in labels) or len(set(labels)) != len(labels):
+        raise ConfigError(f"data.labels: non-empty and distinct, got {p.data.labels!r}")
+
+
 def _check(p: Params) -> None:
+    _check_values(p)
     ratios = (p.split.train, p.split.validation, p.split.test)
-    if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-        raise ConfigError(f"split: train/validation/test must be >= 0 and sum to 1, got {ratios}")
+    if abs(sum(ratios) - 1.0) > 1e-6 or p.split.train <= 0:
+        raise ConfigError(f"split: train/validation/test must be >= 0, train > 0, and sum to 1, got {ratios}")
     for name in ("duplicates", "contradictions", "class_balance"):
         if getattr(p.validate, name) not in ("error", "warning"):
             raise ConfigError(f"validate.{name}: must be 'error' or 'warning'")
@@ -287,8 +360,6 @@ def _check(p: Params) -> None:
         raise ConfigError(f"train.method: one of auto, qlora, lora, full, prompt_tuning; got {p.train.method!r}")
     if p.train.metric_for_best_model not in ("accuracy", "f1_macro", "min_recall", "loss"):
         raise ConfigError(f"train.metric_for_best_model: accuracy, f1_macro, min_recall or loss; got {p.train.metric_for_best_model!r}")
-    if p.train.lora_layers < 0:
-        raise ConfigError(f"train.lora_layers: 0 (every layer) or the number of top layers to adapt; got {p.train.lora_layers}")
     tokens = str(p.train.batch_tokens).strip().lower()
     if tokens != "auto" and not (tokens.isdigit() and (int(tokens) == 0 or int(tokens) >= p.max_seq_length)):
         raise ConfigError(f"train.batch_tokens: auto, 0 (off) or a token budget >= max_seq_length ({p.max_seq_length}); "

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ftlib.core.config import SPLITS
+from ftlib.core.security import redact_url
 
 PREFIX = "ftlib.lineage."
 LIBRARIES = ("ftlib", "torch", "transformers", "trl", "peft", "bitsandbytes", "mlflow", "dvc", "llama_cpp_python")
@@ -159,7 +160,7 @@ def collect(params: dict[str, Any], data_dir: Path, adapter: Path, root: Path = 
             tags["git.dirty_files"] = " ".join(changed[:20])
     remote = git(root, "remote", "get-url", "origin")
     if remote:
-        tags["git.remote"] = remote
+        tags["git.remote"] = redact_url(remote)  # a token in an https remote never reaches a tag
 
     lock = dvc_lock(root)
     for path, h in lock.get("validate", {}).get("deps", {}).items():
@@ -208,7 +209,7 @@ def rebuild_commands(lineage: dict[str, str], name: str, version: str) -> list[s
     commit = lineage.get("git.commit", "")
     cmds = []
     if lineage.get("git.remote"):
-        cmds.append(f"git clone {lineage['git.remote']} ftlib-rebuild && cd ftlib-rebuild")
+        cmds.append(f"git clone {redact_url(lineage['git.remote'])} ftlib-rebuild && cd ftlib-rebuild")
     if commit and not commit.startswith("none"):
         cmds.append(f"git checkout {commit}")
     cmds += [

@@ -37,6 +37,38 @@ class UnsafeModel(ModelError):
 # ---------------------------------------------------------------------------
 # Paths
 
+def redact_url(url: str) -> str:
+    """A URL without credentials, safe for tags, logs and messages: http(s) userinfo (a token or user:password)
+    is dropped; other schemes keep the user name and lose the password. scp-style `git@host:path` is kept."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    if parts.scheme in ("http", "https"):
+        netloc = host
+    else:
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{host}" if user else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """(the URL without userinfo, (user, password) or None): for an HTTP probe with basic auth."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
+
+
 def allowed_roots(project: str | Path, extra: Iterable[str] = ()) -> list[Path]:
     """The project dir, the ftlib cache, the system temp dir, then `extra` (~ and $VARS expanded)."""
     roots = [Path(project), cache_dir(), Path(tempfile.gettempdir())]

@@ -18,6 +18,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from ftlib.core.tracking import registry_lock
 from ftlib.registry.register import RegistryError, alias_version, get_version, who as current_user
 
 STACK_TAG = "ftlib.champion_stack"      # JSON list of versions, last = current champion
@@ -36,6 +37,7 @@ def _json_tag(model: Any, tag: str) -> list[Any]:
 
 
 def _record(c: Any, name: str, stack: list[str], event: dict[str, Any]) -> None:
+    """Called under registry_lock: the read-modify-write of the stack and history tags is never interleaved."""
     model = c.get_registered_model(name)
     history = _json_tag(model, HISTORY_TAG) + [event]
     c.set_registered_model_tag(name, STACK_TAG, json.dumps(stack))
@@ -48,7 +50,13 @@ def _record(c: Any, name: str, stack: list[str], event: dict[str, Any]) -> None:
 
 def promote(c: Any, name: str, version: str | None = None, alias: str | None = None, reason: str = "",
             force: bool = False) -> dict[str, Any]:
-    """Point `champion` at a version; returns {"version", "previous", "changed"}."""
+    """Point `champion` at a version; returns {"version", "previous", "changed"}. Serialized with every other
+    promote, rollback and register of `name` on this machine, so the history never loses an event."""
+    with registry_lock(name):
+        return _promote(c, name, version, alias, reason, force)
+
+
+def _promote(c: Any, name: str, version: str | None, alias: str | None, reason: str, force: bool) -> dict[str, Any]:
     if (version is None) == (alias is None):
         raise RegistryError("give exactly one of --version N or --alias NAME")
     mv = get_version(c, f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}")
@@ -82,7 +90,12 @@ def promote(c: Any, name: str, version: str | None = None, alias: str | None = N
 
 
 def rollback(c: Any, name: str, reason: str = "") -> dict[str, Any]:
-    """Point `champion` back at the champion before it."""
+    """Point `champion` back at the champion before it (serialized as promote is)."""
+    with registry_lock(name):
+        return _rollback(c, name, reason)
+
+
+def _rollback(c: Any, name: str, reason: str) -> dict[str, Any]:
     get_version(c, f"models:/{name}@champion")  # clear error when there is no champion at all
     current = str(alias_version(c, name, "champion").version)
     stack = _json_tag(c.get_registered_model(name), STACK_TAG)

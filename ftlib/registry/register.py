@@ -34,7 +34,7 @@ from typing import Any, Callable
 from ftlib.core import lineage
 from ftlib.core.atomic import replacing, write_json
 from ftlib.core.config import Params, as_dict, flatten
-from ftlib.core.tracking import RegistryError, setup_tracking
+from ftlib.core.tracking import RegistryError, registry_lock, setup_tracking
 from ftlib.core.log import get as get_logger
 
 logger = get_logger(__name__)
@@ -60,6 +60,7 @@ class Gate:
     criteria: list[dict[str, Any]] = field(default_factory=list)  # name, candidate, reference, required, passed
     baseline: dict[str, float] | None = None  # TF-IDF + logistic regression on the same split
     base: dict[str, float] | None = None      # the base model on the same split
+    overrides: dict[str, Any] = field(default_factory=dict)  # register.* values that differ from the defaults
 
 
 @dataclass
@@ -200,6 +201,12 @@ def decide(params: Params, candidate_metrics: dict[str, Any], test_file: Path, k
     cand = primary_metrics(params, candidate_metrics)
     rescore = rescore or (lambda m: score_model(m, params, test_file))
     reasons = provenance_problems(candidate_metrics, adapter, test_file) if adapter is not None else []
+    overrides = gate_overrides(params)
+    for key in ("min_improvement", "baseline_margin"):  # a negative margin lets a worse candidate through
+        value = getattr(cfg, key)
+        if value is not None and value < 0:
+            reasons.append(f"register.{key}={value:g} accepts a candidate worse than what it is compared with: "
+                           "a loosened gate registers only with --force --reason (and such a version promotes only with --force)")
     criteria: list[dict[str, Any]] = []
 
     def check(name: str, value: float, required: float, reference: float | None, why: str) -> None:
@@ -237,7 +244,18 @@ def decide(params: Params, candidate_metrics: dict[str, Any], test_file: Path, k
     return Gate(not reasons, reasons, metric, cand, champ_info,
                 {"accuracy_threshold": cfg.accuracy_threshold, "f1_threshold": cfg.f1_threshold,
                  "min_improvement": cfg.min_improvement, "baseline_margin": cfg.baseline_margin}, key,
-                criteria=criteria, baseline=baseline, base=base)
+                criteria=criteria, baseline=baseline, base=base, overrides=overrides)
+
+
+def gate_overrides(params: Params) -> dict[str, Any]:
+    """register.* settings that differ from ftlib's defaults (RegisterConfig), as {key: {value, default}}:
+    recorded in gate.json and on the version, so a gate changed for one run says so."""
+    from ftlib.core.config import RegisterConfig
+
+    defaults = RegisterConfig()
+    return {f"register.{k}": {"value": getattr(params.register, k), "default": getattr(defaults, k)}
+            for k in ("accuracy_threshold", "f1_threshold", "baseline_margin", "check_base_model", "min_improvement")
+            if getattr(params.register, k) != getattr(defaults, k)}
 
 
 def _find_run(c: Any, key: str) -> Any | None:
@@ -257,6 +275,8 @@ def log_gate(c: Any, gate: Gate, lineage_tags: dict[str, str]) -> str:
     run_id = run.info.run_id if run else c.create_run(_experiment_id(c), run_name=f"register-{gate.key[:8]}").info.run_id
     tags = {KEY_TAG: gate.key, "ftlib.stage": "register", "ftlib.gate": "passed" if gate.passed else "failed",
             "ftlib.gate.reason": "; ".join(gate.reasons) or "passed", **lineage_tags}
+    if gate.overrides:
+        tags["ftlib.gate.overrides"] = json.dumps(gate.overrides, sort_keys=True)
     if gate.champion:
         tags["ftlib.gate.champion_version"] = gate.champion["version"]
     for k, v in tags.items():
@@ -438,8 +458,9 @@ def register(params: Params, adapter: Path = Path("models/adapter"), data_dir: P
              record: Path | None = None) -> Registration:
     """Gate the candidate and, when it passes (or `force` with a reason), register it as `challenger`.
     `record`: where to write what happened (status, name, version, run id, models:/ URI) as JSON, atomically."""
-    r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason,
-                  log or logger.info)
+    with registry_lock(params.register.model_name):  # two registers of one candidate at once: one version
+        r = _register(params, adapter, data_dir, reports, quantized_dir, merged_dir, validation_report, force, reason,
+                      log or logger.info)
     if record is not None:
         write_json(record, {"status": r.status, "name": r.name, "version": r.version, "run_id": r.run_id,
                             "uri": f"models:/{r.name}/{r.version}" if r.version else None})
@@ -516,11 +537,18 @@ def _register(params: Params, adapter: Path, data_dir: Path, reports: Path, quan
     version_tags = {KEY_TAG: key, "ftlib.gate": "passed" if g.passed else "failed",
                     "ftlib.gate.reason": "; ".join(g.reasons) or "passed",
                     f"ftlib.{g.metric}": f"{g.candidate['score']:.4f}", "ftlib.f1": f"{g.candidate['f1']:.4f}", **tags}
+    if g.overrides:
+        version_tags["ftlib.gate.overrides"] = json.dumps(g.overrides, sort_keys=True)
     if force and not g.passed:
         version_tags |= {"ftlib.forced": "true", "ftlib.forced.reason": reason, "ftlib.forced.by": who()}
     import mlflow
 
     mv = mlflow.register_model(model_uri, name, tags=version_tags)
+    same = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'"))
+    if same and same[0] < int(mv.version):  # another host registered this candidate meanwhile (a shared remote store)
+        c.delete_model_version(name, str(mv.version))
+        return Registration("exists", None, name, str(same[0]), run_id,
+                            [f"already registered: {name} v{same[0]} has run key {key} (registered concurrently)"])
     _finish(c, name, str(mv.version), card)
     return Registration("registered", g, name, str(mv.version), run_id,
                         [f"registered {name} v{mv.version} as @challenger (run {run_id})"])

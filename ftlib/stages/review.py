@@ -26,6 +26,7 @@ from typing import Any
 
 from ftlib.core.errors import InvalidData
 from ftlib.core.formats import Issue, read_examples
+from ftlib.core.security import redact_url
 
 COLUMNS = ["id", "line", "prompt", "expected", "predicted", "rating", "comment"]
 RATINGS = (1, 2, 3, 4, 5)
@@ -267,7 +268,7 @@ def _review_run(client: Any, model: str) -> tuple[str, bool]:
         try:
             client.get_run(run_id)
         except MlflowException:  # the run lives in another tracking store
-            raise ValueError(f"{model}: MLflow run {run_id} (from ftlib_train.json) is not in {client.tracking_uri}; "
+            raise ValueError(f"{model}: MLflow run {run_id} (from ftlib_train.json) is not in {redact_url(client.tracking_uri)}; "
                              "set MLFLOW_TRACKING_URI to the store `ftlib train` used") from None
         return run_id, False
     exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ftlib")

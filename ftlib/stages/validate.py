@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import unicodedata
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(x for x in p.glob("*.jsonl") if x.is_file())
+            # a dangling symlink or a symlink loop is listed too: reading it is an `unreadable` error, never a silent skip
+            found = sorted(x for x in p.glob("*.jsonl") if x.is_file() or x.is_symlink())
             if not found:
                 raise UsageError(f"{p}: directory has no *.jsonl files")
             files += found
@@ -112,8 +114,21 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def _nfc(value: Any) -> Any:
+    """Strings in Unicode NFC, recursively: "é" typed as one code point or as e + a combining accent is the same text."""
+    if isinstance(value, str):
+        return value if unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)
+    if isinstance(value, (list, tuple)):
+        return [_nfc(v) for v in value]
+    if isinstance(value, dict):
+        return {_nfc(k): _nfc(v) for k, v in value.items()}
+    return value
+
+
 def _dumps(parts: tuple[Any, ...]) -> bytes:
-    return json.dumps(parts, ensure_ascii=False, sort_keys=True).encode()
+    """The identity of rows, prompts and answers (duplicates, contradictions, the split): NFC, so a review copied
+    from two sources with different accent encodings is one review (NFC text hashes as it always did)."""
+    return json.dumps(_nfc(parts), ensure_ascii=False, sort_keys=True).encode()
 
 
 def content_key(*parts: Any) -> str:
@@ -363,7 +378,7 @@ class _Pass1:
         self.fmt.append(_FORMAT_CODE[row.format])
         self.record += _digest(_dumps((o,)))
         self.prompt += _digest(_dumps(_prompt_parts(o)))
-        self.output += _NO_DIGEST if answer is None else _digest(answer.encode())
+        self.output += _NO_DIGEST if answer is None else _digest(_nfc(answer).encode())
         self.has_output.append(answer is not None)
 
     def drop_minority(self, name: str, start: int, keep: Format) -> int:
