@@ -158,6 +158,7 @@ def main() -> None:
                 log.seek(0)
                 raise SystemExit(f"the server did not start: {log.read()[-2000:]}")
             time.sleep(0.5)
+        request(port, "POST", "/invocations", {"inputs": ["warm-up"]}, timeout=120)  # first answer allocates once
         rss = [rss_mb(server.pid)]
         print(f"server on 127.0.0.1:{port} ({model}); {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
         t = time.perf_counter()
