@@ -81,7 +81,8 @@ def test_run_prints_outputs_and_the_run_summary(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "pipeline outputs" in r.output and "reports/metrics.json" in r.output
     assert "accuracy" in r.output and "0.9" in r.output and "not run" in r.output  # the gate did not run
-    assert "| accuracy | 0.9 |" in (tmp_path / "reports" / "summary.md").read_text()
+    summary_md = (tmp_path / "reports" / "summary.md").read_text()
+    assert "| accuracy | 0.900 |" in summary_md and "| examples | train 0, validation 0, test 6 |" in summary_md
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": "exit 3", "outs": ["x"]}}}))
     assert runner.invoke(app, ["run", "--no-register"]).exit_code == 1

@@ -130,7 +130,7 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert mv.tags["ftlib.lineage.airflow.dag_id"] == "finetune_llama3" and mv.tags["ftlib.lineage.airflow.run_id"]
     assert out["refused"]["tis"] == {**dict.fromkeys(tasks, "success"), "register": "skipped"}
     summary = (tmp_path / "reports_refused" / "summary.md").read_text()
-    assert "| gate | refused |" in summary and "| registered | None |" in summary
+    assert "| gate | refused |" in summary and "| registered | - |" in summary
     assert "| registered | models:/dag-test/1 |" in (tmp_path / "reports_good" / "summary.md").read_text()
     assert json.loads((tmp_path / "reports_refused" / "gate.json").read_text())["passed"] is False
     assert json.loads((tmp_path / "adapter_refused" / "ftlib_train.json").read_text())["global_step"] == 2

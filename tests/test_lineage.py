@@ -36,8 +36,17 @@ def test_rebuild_from_lineage_in_a_clone(repo: Path, tmp_path, tiny_model, monke
     m = evaluate(p.train.output_dir, "data/splits/test.jsonl", labels=LABELS, progress=False)
     Path("reports").mkdir()
     Path("reports/metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "predictions"}))
-    r = register(p, Path(p.train.output_dir))
+    # registered as `ftlib register` would, with params.yaml's values: the lineage must still say max_steps=2 (issue 17)
+    at_registration = train_params(tiny_model, tmp_path, "train.method=lora", "register.model_name=lineage-test",
+                                   "register.accuracy_threshold=0", "register.log_merged=false", *GATE_MECHANICS_ONLY)
+    r = register(at_registration, Path(p.train.output_dir))
     assert r.status == "registered"
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version("lineage-test", r.version).tags
+    assert json.loads(tags["ftlib.lineage.params"])["train"]["max_steps"] == 2
+    assert json.loads(tags["ftlib.lineage.train.overrides"])["train.max_steps"] == 2
+    assert "reviews.jsonl" in json.loads(tags["ftlib.lineage.raw.files"])  # the raw files by name, with their md5
 
     shown = CliRunner().invoke(app, ["lineage", f"models:/lineage-test/{r.version}"])
     assert shown.exit_code == 0, shown.output
@@ -46,13 +55,15 @@ def test_rebuild_from_lineage_in_a_clone(repo: Path, tmp_path, tiny_model, monke
         assert hop in shown.output, hop
     rebuild = shown.output.split("rebuild\n", 1)[1].splitlines()
     assert f"  git checkout {commit}" in rebuild
+    assert any(line.strip().startswith("ftlib train") and "-o train.max_steps=2" in line for line in rebuild), rebuild
+    assert "trained with overrides of params.yaml" in shown.output
 
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     sh(clone, "git", "checkout", "-q", "-b", "elsewhere", "HEAD")  # the clone may be on any branch
     for line in rebuild:
         cmd = line.split("#")[0].strip()
-        if cmd and cmd != "dvc repro":  # the last one retrains: not needed to check the data
+        if cmd and not cmd.startswith(("dvc repro", "ftlib train", "ftlib evaluate")):  # retraining: not needed to check the data
             sh(clone, "bash", "-c", cmd)
     for s in ("train", "validation", "test"):
         assert (clone / "data" / "splits" / f"{s}.jsonl").read_bytes() == (repo / "data" / "splits" / f"{s}.jsonl").read_bytes()

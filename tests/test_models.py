@@ -25,6 +25,24 @@ def test_bad_model_strings_explain_themselves(tmp_path):
     assert resolve("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
+def test_a_missing_local_adapter_fails_at_once_with_what_to_run(tmp_path, monkeypatch):
+    """Issue 17: with models/adapter missing, `ftlib generate` took it for a hub id and retried for 49 s."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from ftlib.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelError, match="models/ exists here, so this is a local path.*ftlib train"):
+        resolve("models/adapter")
+    t = time.perf_counter()
+    r = CliRunner().invoke(app, ["generate", "--model", "models/adapter", "hola"])
+    assert r.exit_code == 2 and "ftlib train" in r.output, r.output
+    assert time.perf_counter() - t < 5
+
+
 @pytest.mark.slow
 def test_embedded_model_generates_an_answer_that_ends_at_eos():
     import torch

@@ -473,3 +473,31 @@ def test_concurrent_promotions_never_lose_a_history_event(work, tiny_model, tiny
     assert changed and sorted(e["reason"] for e in history) == changed, (history, outs)
     stack = json.loads(MlflowClient().get_registered_model(n).tags["ftlib.champion_stack"])
     assert stack[-1] == history[-1]["version"] == str(MlflowClient().get_model_version_by_alias(n, "champion").version)
+
+
+def test_the_champion_rerun_is_not_rescored_and_its_run_never_rewritten(work, tiny_model, tiny_adapter):
+    """Issue 17: after `ftlib promote`, a rerun on unchanged data re-scored the champion against itself, refused it,
+    and wrote ftlib.gate=failed onto the champion's run. The same candidate now keeps its recorded decision."""
+    from mlflow import MlflowClient
+
+    from ftlib.registry.promote import promote
+    from ftlib.registry.register import gate, register
+
+    c, n = MlflowClient(), name()
+    p = reg_params(tiny_model, n)
+    v1 = register(p, Path(tiny_adapter))
+    promote(c, n, version="1", reason="first")
+    before = c.get_run(v1.run_id).data.tags
+
+    def never(model: str) -> dict:
+        raise AssertionError(f"re-scored {model}")
+
+    g = gate(p, Path("reports/metrics.json"), Path("data/splits"), Path(tiny_adapter), Path("reports/gate.json"), rescore=never)
+    assert g.passed and g.already == "v1 (@champion)" and g.run_id == v1.run_id
+    assert c.get_run(v1.run_id).data.tags == before  # nothing rewritten
+    assert json.loads(Path("reports/gate.json").read_text())["already"] == "v1 (@champion)"
+    again = CliRunner().invoke(app, ["gate", "-o", f"base_model={tiny_model}", "-o", f"register.model_name={n}",
+                                     "-o", "register.accuracy_threshold=0", "-o", "register.min_improvement=0",
+                                     "-o", "register.log_merged=false", *[a for o in GATE_MECHANICS_ONLY for a in ("-o", o)],
+                                     "--adapter", tiny_adapter])
+    assert again.exit_code == 0 and "already registered as v1 (@champion)" in again.output, again.output

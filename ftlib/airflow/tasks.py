@@ -186,6 +186,9 @@ def gate() -> bool:
     with in_project(run):
         g = gate_decision(run.params, reports / "metrics.json", run.path("splits_dir"),
                           run.project / run.params.train.output_dir, reports / "gate.json")
+    if g.already:
+        print(f"this candidate is already registered as {g.already}; its gate decision stands ({'passed' if g.passed else 'refused'}), "
+              "nothing re-scored")
     for reason in g.reasons:
         print(f"refused: {reason}")
     return g.passed

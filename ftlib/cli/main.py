@@ -646,10 +646,14 @@ def gate(
 
     params = _params(params_file, overrides)
     g = run_gate(params, metrics, data_dir, adapter, json_out)
-    _wide(_gate_table(g))
+    if g.already:
+        out.print(f"already registered as {g.already}: the gate decided then ({'passed' if g.passed else 'refused'}); "
+                  "nothing re-scored, no run rewritten")
+    else:
+        _wide(_gate_table(g))
     for r in g.reasons:
         out.print(f"[red]refused:[/] {r}")
-    out.print(f"decision logged to MLflow run {g.run_id}; wrote {json_out}")
+    out.print(f"decision in MLflow run {g.run_id}; wrote {json_out}")
     raise typer.Exit(0 if g.passed else 3)
 
 
@@ -849,13 +853,13 @@ def serve(
 
 def _print_summary() -> None:
     """What the run produced and decided (ftlib.registry.summary, as the DAG's summary task; also reports/summary.md)."""
-    from ftlib.registry.summary import summary
+    from ftlib.registry.summary import readable, summary
 
     t = Table(title="this run (reports/summary.md)")
     t.add_column("")
     t.add_column("", justify="right")
     for k, v in summary(Path("reports"), Path("data/splits")).items():
-        t.add_row(k, str(v))
+        t.add_row(k.replace("_", " "), readable(v))
     out.print(t)
 
 

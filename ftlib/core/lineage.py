@@ -31,6 +31,9 @@ import yaml
 from ftlib.core.config import SPLITS
 from ftlib.core.security import redact_url
 
+# The params sections that shape a trained model (the rest decide gating, benchmarks, quantization).
+TRAINING_SECTIONS = ("base_model", "template", "max_seq_length", "data", "split", "train")
+
 PREFIX = "ftlib.lineage."
 LIBRARIES = ("ftlib", "torch", "transformers", "trl", "peft", "bitsandbytes", "mlflow", "dvc", "llama_cpp_python")
 
@@ -181,13 +184,24 @@ def collect(params: dict[str, Any], data_dir: Path, adapter: Path, root: Path = 
                         else "matches the splits used")
     tags["dvc.stages"] = " -> ".join(stage_graph(root)) or "none"
 
-    tags["params.hash"] = params_hash(params)
-    tags["params"] = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    tags["base_model"] = params["base_model"]
-    tags["base_model.revision"] = base_model_revision(params["base_model"])
+    raw = root / "data" / "raw"  # the files by name (dvc.lock has only the directory's hash)
+    if raw.is_dir():
+        tags["raw.files"] = json.dumps({str(f.relative_to(raw)): md5(f) for f in sorted(raw.rglob("*")) if f.is_file()},
+                                       sort_keys=True)
+
     info_file = Path(adapter) / "ftlib_train.json"
-    if info_file.is_file():
-        info = json.loads(info_file.read_text())
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    # the sections that shaped the model as training ran them (a `-o` at train time), the rest (gate, benchmark) as now
+    trained = {k: v for k, v in (info.get("params") or {}).items() if k in TRAINING_SECTIONS}
+    used = {**params, **trained}
+    tags["params.source"] = ("training sections from the training run (ftlib_train.json), the rest at registration"
+                             if trained else "params at registration")
+    tags["params.hash"] = params_hash(used)
+    tags["params"] = json.dumps(used, sort_keys=True, separators=(",", ":"))
+    tags["train.overrides"] = json.dumps(training_overrides(used, root), sort_keys=True)
+    tags["base_model"] = used["base_model"]
+    tags["base_model.revision"] = base_model_revision(used["base_model"])
+    if info:
         tags["train.run_key"] = str(info.get("run_key"))
         tags["train.mlflow_run_id"] = str(info.get("mlflow_run_id"))
         tags["train.global_step"] = str(info.get("global_step"))
@@ -205,6 +219,18 @@ def of(tags: dict[str, str]) -> dict[str, str]:
     return {k[len(PREFIX):]: v for k, v in tags.items() if k.startswith(PREFIX)}
 
 
+def training_overrides(used: dict[str, Any], root: Path) -> dict[str, Any]:
+    """`-o key=value` that turn root's params.yaml into the params training used (the sections that shape the model)."""
+    from ftlib.core.config import as_dict, flatten, load_params
+
+    try:
+        current = flatten(as_dict(load_params(root / "params.yaml")))
+    except Exception:  # noqa: BLE001  (no or unreadable params.yaml: every training value is an override)
+        current = {}
+    ran = flatten({k: v for k, v in used.items() if k in TRAINING_SECTIONS})
+    return {k: v for k, v in ran.items() if current.get(k) != v}
+
+
 def rebuild_commands(lineage: dict[str, str], name: str, version: str) -> list[str]:
     commit = lineage.get("git.commit", "")
     cmds = []
@@ -215,8 +241,17 @@ def rebuild_commands(lineage: dict[str, str], name: str, version: str) -> list[s
     cmds += [
         "dvc pull data/splits || dvc repro split   # restore the splits from the remote, or recompute them",
         f"ftlib lineage models:/{name}/{version} --check   # the split files must match the recorded hashes",
-        "dvc repro   # retrain, quantize, benchmark and evaluate from those splits",
     ]
+    overrides = json.loads(lineage.get("train.overrides", "{}"))
+    if overrides:  # trained with values params.yaml at that commit does not hold: `dvc repro` would train another model
+        def value(v: Any) -> str:
+            return ",".join(map(str, v)) if isinstance(v, list) else "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+        cmds += ["ftlib train --data-dir data/splits " + " ".join(f"-o {k}={value(v)}" for k, v in sorted(overrides.items()))
+                 + "   # the params this version was trained with",
+                 "ftlib evaluate --data data/splits/test.jsonl   # score it as the gate did"]
+    else:
+        cmds.append("dvc repro   # retrain, quantize, benchmark and evaluate from those splits")
     return cmds
 
 
@@ -251,6 +286,7 @@ def chain(name: str, version: str, aliases: list[str], run_id: str, tags: dict[s
         *[f"           {s}.jsonl md5 {info.get(f'data.{s}.md5', 'n/a')}" for s in SPLITS],
         "        -> raw data",
         *[f"             {k[len('dvc.raw.'):]} md5 {v}" for k, v in info.items() if k.startswith("dvc.raw.")],
+        *[f"               {f} md5 {h}" for f, h in json.loads(info.get("raw.files", "{}")).items()],
         f"          -> stages: {info.get('dvc.stages', 'n/a')}",
         f"  code: git {info.get('git.commit')} (dirty: {info.get('git.dirty')})",
         f"  libraries: {info.get('libraries')}",
@@ -258,4 +294,8 @@ def chain(name: str, version: str, aliases: list[str], run_id: str, tags: dict[s
     ]
     if "airflow.run_id" in info:
         lines.append(f"  airflow: dag {info.get('airflow.dag_id')} run {info['airflow.run_id']}")
+    if json.loads(info.get("train.overrides", "{}")):
+        lines.append(f"  trained with overrides of params.yaml: {info['train.overrides']}")
+    if tags.get("ftlib.forced") == "true":
+        lines.append(f"  FORCED past the gate by {tags.get('ftlib.forced.by', '?')}: {tags.get('ftlib.forced.reason', '')}")
     return lines

@@ -143,6 +143,10 @@ def resolve(model: str) -> str:
             raise ModelError(f"{model}: a directory, but not an HF model (no config.json)")
         return str(path)
     if model.count("/") == 1 and not model.startswith((".", "/")):
+        if Path(model.split("/")[0]).is_dir():  # `models/adapter` with models/ here: a missing local dir, not a hub id
+            hint = "; run `ftlib train` (or `dvc repro train`) first" if "adapter" in model else ""
+            raise ModelError(f"{model}: no such model directory ({model.split('/')[0]}/ exists here, so this is a "
+                             f"local path, not a hub id){hint}")
         return model  # a hub id; loading it needs network access or a populated HF cache
     raise ModelError(f"{model}: no such directory, not a hub id (org/name) and not embedded:<name>")
 

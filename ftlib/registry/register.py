@@ -61,6 +61,7 @@ class Gate:
     baseline: dict[str, float] | None = None  # TF-IDF + logistic regression on the same split
     base: dict[str, float] | None = None      # the base model on the same split
     overrides: dict[str, Any] = field(default_factory=dict)  # register.* values that differ from the defaults
+    already: str | None = None  # "v3 (@champion)": this candidate is registered; decided then, not re-scored now
 
 
 @dataclass
@@ -301,6 +302,19 @@ def gate(params: Params, metrics_file: Path = Path("reports/metrics.json"), data
         raise FileNotFoundError(f"{metrics_file}: missing; run `ftlib evaluate` (or `dvc repro evaluate`) first")
     c = client()
     key = key or register_key(params, data_dir, adapter)
+    existing = _find_version(c, params.register.model_name, key)
+    if existing is not None:  # the same training output is registered: its decision stands; re-scoring the
+        # champion against itself would refuse it and rewrite the champion's run (issue 17)
+        aliases = [a for a, v in (c.get_registered_model(params.register.model_name).aliases or {}).items()
+                   if str(v) == str(existing.version)]
+        passed = existing.tags.get("ftlib.gate") == "passed"
+        g = Gate(passed, [] if passed else [existing.tags.get("ftlib.gate.reason", "failed the gate")],
+                 "accuracy" if params.data.task == "classification" else "exact_match",
+                 primary_metrics(params, json.loads(metrics_file.read_text())), None, {}, key, run_id=existing.run_id,
+                 already=f"v{existing.version}" + "".join(f" (@{a})" for a in sorted(aliases)))
+        if out is not None:
+            write_json(out, asdict(g))
+        return g
     g = decide(params, json.loads(metrics_file.read_text()), data_dir / "test.jsonl", key, rescore, adapter)
     g.metrics_md5 = lineage.md5(metrics_file)
     # register() passes the key and lineage it computed: hashing the base weights twice is slow for 8B models

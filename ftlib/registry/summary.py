@@ -31,6 +31,23 @@ def summary(reports: Path, splits: Path) -> dict[str, Any]:
         "q8_0_decode_ratio": bench.get("ratio"), "shipped_gguf": shipped,
     }
     lines = ["# ftlib run summary", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in s.items()]
+    lines += [f"| {k.replace('_', ' ')} | {readable(v)} |" for k, v in s.items()]
     write_text(reports / "summary.md", "\n".join(lines) + "\n")
     return s
+
+
+def readable(v: Any) -> str:
+    """A summary value as a person reads it: 3 decimals, counts with separators, lists and dicts spelled out, '-' for none."""
+    if v is None or v == [] or v == {}:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {readable(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "; ".join(readable(x) for x in v)
+    return str(v)
