@@ -75,9 +75,9 @@ def test_gate_refusal_is_logged_never_registered(work, tiny_model, tiny_adapter)
     from ftlib.registry.register import register
 
     n = name()
-    r = register(reg_params(tiny_model, n, "register.accuracy_threshold=1.01"), Path(tiny_adapter))
+    r = register(reg_params(tiny_model, n, "register.accuracy_threshold=1.0"), Path(tiny_adapter))
     assert r.status == "refused" and r.version is None
-    assert "accuracy_threshold 1.010" in r.messages[0]
+    assert "accuracy_threshold 1.000" in r.messages[0]
     assert versions_of(n) == []
     run = runs_with_key(r.gate.key)
     assert len(run) == 1 and run[0].data.tags["ftlib.gate"] == "failed"
@@ -205,7 +205,7 @@ def test_forced_version_needs_force_to_promote(work, tiny_model, tiny_adapter):
     from ftlib.registry.register import RegistryError, register
 
     c, n = MlflowClient(), name()
-    p = reg_params(tiny_model, n, "register.accuracy_threshold=1.01")
+    p = reg_params(tiny_model, n, "register.accuracy_threshold=1.0")
     with pytest.raises(RegistryError, match="--reason"):
         register(p, Path(tiny_adapter), force=True)
     r = register(p, Path(tiny_adapter), force=True, reason="needed for a demo")

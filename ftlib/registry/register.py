@@ -203,10 +203,10 @@ def decide(params: Params, candidate_metrics: dict[str, Any], test_file: Path, k
     rescore = rescore or (lambda m: score_model(m, params, test_file))
     reasons = provenance_problems(candidate_metrics, adapter, test_file) if adapter is not None else []
     overrides = gate_overrides(params)
-    for key in ("min_improvement", "baseline_margin"):  # a negative margin lets a worse candidate through
-        value = getattr(cfg, key)
+    for margin in ("min_improvement", "baseline_margin"):  # a negative margin lets a worse candidate through
+        value = getattr(cfg, margin)
         if value is not None and value < 0:
-            reasons.append(f"register.{key}={value:g} accepts a candidate worse than what it is compared with: "
+            reasons.append(f"register.{margin}={value:g} accepts a candidate worse than what it is compared with: "
                            "a loosened gate registers only with --force --reason (and such a version promotes only with --force)")
     criteria: list[dict[str, Any]] = []
 
