@@ -26,6 +26,20 @@ def test_only_set_params_become_overrides():
     assert (p.train.method, p.train.lora_r, p.train.learning_rate) == ("lora", 8, 5e-5)
 
 
+def test_the_form_opens_on_params_yaml_and_an_untouched_form_overrides_nothing():
+    """Issue 17: the form showed `method: null` and every tunable empty. Now it shows params.yaml's values, and a
+    run that leaves them alone still runs as `dvc repro` (no overrides)."""
+    from ftlib.airflow.orchestrate import current_values, dvc_reason
+
+    shown = current_values(REPO)
+    assert shown["method"] == "auto" and shown["lora_r"] == 16 and shown["max_steps"] == -1
+    conf = {"project_dir": str(REPO), **shown}
+    assert overrides(conf, []) == []
+    assert overrides({**conf, "lora_r": 8}, []) == ["train.lora_r=8"]
+    paths_left_empty = dict.fromkeys(["raw_dir", "splits_dir", "reports_dir"])  # optional in the form: dvc.yaml's paths
+    assert "differ from dvc.yaml's paths" not in (dvc_reason({**conf, **paths_left_empty, "dvc_cache": True}) or "")
+
+
 @pytest.mark.parametrize("item", ["trust_remote_code=true", "allow_pickle_weights=true", "paths.allowed_roots=/",
                                   "register.accuracy_threshold=0", "register.min_improvement=-1", "register.model_name=x",
                                   "train.output_dir=/etc/ftlib", "train.checkpoint_dir=/tmp/x", "max_seq_lengthx=1"])
