@@ -52,6 +52,9 @@ class Run:
 def current() -> Run:
     from airflow.sdk import get_current_context
 
+    from ftlib.core.log import silence_known_noise
+
+    silence_known_noise()
     ctx = get_current_context()
     form = dict(ctx["params"])
     # lineage: register records the Airflow dag/run/task ids it finds here on the MLflow version
