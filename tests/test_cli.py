@@ -84,8 +84,11 @@ def test_run_prints_outputs_and_the_run_summary(tmp_path, monkeypatch):
     summary_md = (tmp_path / "reports" / "summary.md").read_text()
     assert "| accuracy | 0.900 |" in summary_md and "| examples | train 0, validation 0, test 6 |" in summary_md
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": "exit 3", "outs": ["x"]}}}))
+    # a stage that fails after DVC removed its output: the last good output is checked back out (issue 17)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": "test -e reports/metrics.json || exit 3",
+                                                                              "outs": ["reports/metrics.json"]}}}))
     assert runner.invoke(app, ["run", "--no-register"]).exit_code == 1
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
 
 
 def test_loading_an_adapter_prints_no_spurious_warnings(tiny_adapter):

@@ -224,11 +224,21 @@ def repro(project_dir: str | Path, stage: str, env: dict[str, str] | None = None
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *repro_command(stage)[1:]], cwd=project_dir, env=_dvc_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        tail.append(line)
-        seen += [what for marker, what in markers.items() if marker in line]
-    if proc.wait() != 0:
+    from ftlib.registry.pipeline import restore
+
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+            seen += [what for marker, what in markers.items() if marker in line]
+        failed = proc.wait() != 0
+    except BaseException:  # the task was cancelled or killed: stop DVC, put the last good outputs back
+        proc.terminate()
+        proc.wait()
+        restore(Path(project_dir), stage)
+        raise
+    if failed:  # DVC deleted the stage's outputs before running it: the last good ones go back in place
+        restore(Path(project_dir), stage)
         raise DvcReproError(f"dvc repro {stage} failed in {project_dir}: {''.join(tail).strip()[-2000:]}")
     return seen[0] if seen else "done"  # "done": a DVC version with other wording
 
