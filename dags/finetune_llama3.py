@@ -29,11 +29,12 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from ftlib.airflow.orchestrate import TUNABLES, raw_data_asset
+from ftlib.airflow.orchestrate import TUNABLES, current_values, raw_data_asset
 
 # The project checkout the tasks work in (the image's working dir in production).
 PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
 RAW_DATA = raw_data_asset(PROJECT_DIR)
+CURRENT = current_values(PROJECT_DIR)  # the form opens on params.yaml's values
 RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00 UTC
 
 
@@ -53,18 +54,18 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
         "max_retry_delay": timedelta(minutes=10),
     },
     params={
-        **{name: Param(None, **schema) for name, (_, schema) in TUNABLES.items()},
+        **{name: Param(CURRENT.get(name), **schema) for name, (_, schema) in TUNABLES.items()},
         "executor": Param("local", type="string", enum=["local", "kubernetes"],
                           description="local: every stage in the task process on this worker; kubernetes: train and quantize in GPU pods."),
         "gpus": Param(1, type="integer", minimum=1, maximum=8, description="GPUs per pod (>1 runs `accelerate launch`)."),
-        "params_file": Param("params.yaml", type="string",
+        "params_file": Param("params.yaml", type=["null", "string"],
                              description="params.yaml, relative to the project dir (the deployment's FTLIB_PROJECT_DIR)."),
-        "raw_dir": Param("data/raw", type="string", description="Where new JSONL data lands."),
-        "validated_dir": Param("data/validated", type="string", description="report.json, quarantine.jsonl, Data Docs."),
-        "splits_dir": Param("data/splits", type="string", description="train/validation/test.jsonl."),
-        "reports_dir": Param("reports", type="string", description="metrics.json, benchmark.json, gate.json, plots/."),
-        "merged_dir": Param("models/merged", type="string", description="The adapter merged into the base (fp16)."),
-        "quantized_dir": Param("models/quantized", type="string", description="GGUF files, Modelfile, other variants."),
+        "raw_dir": Param("data/raw", type=["null", "string"], description="Where new JSONL data lands."),
+        "validated_dir": Param("data/validated", type=["null", "string"], description="report.json, quarantine.jsonl, Data Docs."),
+        "splits_dir": Param("data/splits", type=["null", "string"], description="train/validation/test.jsonl."),
+        "reports_dir": Param("reports", type=["null", "string"], description="metrics.json, benchmark.json, gate.json, plots/."),
+        "merged_dir": Param("models/merged", type=["null", "string"], description="The adapter merged into the base (fp16)."),
+        "quantized_dir": Param("models/quantized", type=["null", "string"], description="GGUF files, Modelfile, other variants."),
         "dvc_cache": Param(True, type="boolean",
                            description="Run the stages as `dvc repro` when paths and params are dvc.yaml's: "
                                        "unchanged data, params and code reuse DVC's cache instead of retraining."),

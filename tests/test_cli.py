@@ -84,5 +84,20 @@ def test_run_prints_outputs_and_the_run_summary(tmp_path, monkeypatch):
     summary_md = (tmp_path / "reports" / "summary.md").read_text()
     assert "| accuracy | 0.900 |" in summary_md and "| examples | train 0, validation 0, test 6 |" in summary_md
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": "exit 3", "outs": ["x"]}}}))
+    # a stage that fails after DVC removed its output: the last good output is checked back out (issue 17)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {"cmd": "test -e reports/metrics.json || exit 3",
+                                                                              "outs": ["reports/metrics.json"]}}}))
     assert runner.invoke(app, ["run", "--no-register"]).exit_code == 1
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
+
+
+def test_loading_an_adapter_prints_no_spurious_warnings(tiny_adapter):
+    """Issue 17: every adapter load printed bitsandbytes' 'kernels-community' hub warning and PEFT's
+    `is_gradient_checkpointing` FutureWarning into the CLI output and every task log."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ftlib", "generate", "-m", tiny_adapter, "hola", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kernels-community" not in r.stderr and "is_gradient_checkpointing" not in r.stderr, r.stderr[-2000:]

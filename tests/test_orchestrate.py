@@ -26,6 +26,20 @@ def test_only_set_params_become_overrides():
     assert (p.train.method, p.train.lora_r, p.train.learning_rate) == ("lora", 8, 5e-5)
 
 
+def test_the_form_opens_on_params_yaml_and_an_untouched_form_overrides_nothing():
+    """Issue 17: the form showed `method: null` and every tunable empty. Now it shows params.yaml's values, and a
+    run that leaves them alone still runs as `dvc repro` (no overrides)."""
+    from ftlib.airflow.orchestrate import current_values, dvc_reason
+
+    shown = current_values(REPO)
+    assert shown["method"] == "auto" and shown["lora_r"] == 16 and shown["max_steps"] == -1
+    conf = {"project_dir": str(REPO), **shown}
+    assert overrides(conf, []) == []
+    assert overrides({**conf, "lora_r": 8}, []) == ["train.lora_r=8"]
+    paths_left_empty = dict.fromkeys(["raw_dir", "splits_dir", "reports_dir"])  # optional in the form: dvc.yaml's paths
+    assert "differ from dvc.yaml's paths" not in (dvc_reason({**conf, **paths_left_empty, "dvc_cache": True}) or "")
+
+
 @pytest.mark.parametrize("item", ["trust_remote_code=true", "allow_pickle_weights=true", "paths.allowed_roots=/",
                                   "register.accuracy_threshold=0", "register.min_improvement=-1", "register.model_name=x",
                                   "train.output_dir=/etc/ftlib", "train.checkpoint_dir=/tmp/x", "max_seq_lengthx=1"])
@@ -119,12 +133,45 @@ print(json.dumps({n: [l.get_link(None, ti_key=key), l.get_link(None, ti_key=othe
     import json
 
     links = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(links) == {"MLflow runs", "MLflow model", "GX Data Docs"}
-    runs, other = links["MLflow runs"]
-    assert runs.startswith("http://mlflow.internal:5000/#/experiments?searchFilter=") and "manual__2026-01-01" in runs
+    assert set(links) == {"MLflow run", "MLflow model", "GX Data Docs"}
+    runs, other = links["MLflow run"]
+    assert runs == "/ftlib/mlflow-run?dag_run_id=manual__2026-01-01&task_id=validate"
     assert other == ""
     assert links["MLflow model"][0] == "http://mlflow.internal:5000/#/models/ftlib-sentiment"
-    assert links["GX Data Docs"][0].endswith("data/validated/data_docs/index.html")
+    assert links["GX Data Docs"][0] == "/ftlib/data-docs/index.html"
+
+
+def test_the_plugin_routes_open_the_task_run_and_serve_the_data_docs(tmp_path, monkeypatch):
+    """Issue 17: "MLflow runs" landed on the generic Experiments list and the Data Docs were never shown. The plugin's
+    routes (mounted under /ftlib by Airflow) redirect to the task's MLflow run and serve the rendered Data Docs."""
+    import importlib.util
+
+    from fastapi.testclient import TestClient
+    from mlflow import MlflowClient
+
+    docs = tmp_path / "data" / "validated" / "data_docs"
+    docs.mkdir(parents=True)
+    (docs / "index.html").write_text("<html>expectations</html>")
+    monkeypatch.setenv("FTLIB_PROJECT_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FTLIB_MLFLOW_UI_URL", "http://mlflow.internal:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ftlib")
+    c = MlflowClient()
+    exp = c.create_experiment("ftlib")
+    train_run = c.create_run(exp).info.run_id
+    register_run = c.create_run(exp, tags={"ftlib.lineage.airflow.run_id": "manual__1",
+                                           "ftlib.lineage.train.mlflow_run_id": train_run}).info.run_id
+    spec = importlib.util.spec_from_file_location("ftlib_links_test", REPO / "plugins" / "ftlib_links.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    web = TestClient(plugin.routes(), follow_redirects=False)
+    assert web.get("/data-docs/index.html").text == "<html>expectations</html>"
+    base = f"http://mlflow.internal:5000/#/experiments/{exp}"
+    assert web.get("/mlflow-run", params={"dag_run_id": "manual__1", "task_id": "register"}).headers["location"] == \
+        f"{base}/runs/{register_run}"
+    assert web.get("/mlflow-run", params={"dag_run_id": "manual__1", "task_id": "train"}).headers["location"] == \
+        f"{base}/runs/{train_run}"
+    assert "searchFilter" in web.get("/mlflow-run", params={"dag_run_id": "manual__2", "task_id": "gate"}).headers["location"]
 
 
 def test_dvc_reason_only_when_dvc_sees_the_whole_run(repo, tmp_path):  # noqa: F811

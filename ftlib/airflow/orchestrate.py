@@ -16,20 +16,45 @@ from typing import Any
 
 from ftlib.core.config import METHODS, load_params
 
-# DAG param -> (params.yaml key, JSON schema). null = keep the params.yaml value.
+# DAG param -> (params.yaml key, JSON schema). The form shows params.yaml's current value; a value the user
+# changes becomes an override for that run (null, or params.yaml's value, keeps params.yaml's).
 TUNABLES: dict[str, tuple[str, dict[str, Any]]] = {
     "base_model": ("base_model", {"type": ["null", "string"], "minLength": 1,
                                   "description": "embedded:smollm2-135m-instruct, a hub id (meta-llama/Meta-Llama-3-8B-Instruct) or a local dir"}),
-    "method": ("train.method", {"type": ["null", "string"], "enum": [None, *METHODS]}),
-    "lora_r": ("train.lora_r", {"type": ["null", "integer"], "minimum": 1, "maximum": 256}),
-    "lora_alpha": ("train.lora_alpha", {"type": ["null", "integer"], "minimum": 1, "maximum": 512}),
+    "method": ("train.method", {"type": ["null", "string"], "enum": [None, *METHODS],
+                                "description": "auto (QLoRA on a CUDA GPU, LoRA on a CPU), qlora, lora, full or prompt_tuning"}),
+    "lora_r": ("train.lora_r", {"type": ["null", "integer"], "minimum": 1, "maximum": 256,
+                                "description": "LoRA rank: capacity of the adapter (course default 16)"}),
+    "lora_alpha": ("train.lora_alpha", {"type": ["null", "integer"], "minimum": 1, "maximum": 512,
+                                        "description": "LoRA scaling; the update is scaled by alpha / r"}),
     "lora_layers": ("train.lora_layers", {"type": ["null", "integer"], "minimum": 0, "maximum": 1000,
                                           "description": "LoRA on the top N decoder layers only; 0 = every layer (use 0 for a 7-8B base)"}),
-    "learning_rate": ("train.learning_rate", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 0.1}),
-    "num_train_epochs": ("train.num_train_epochs", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 100}),
+    "learning_rate": ("train.learning_rate", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 0.1,
+                                              "description": "peak learning rate (2e-3 for the embedded 135M model, 2e-4 for 7-8B)"}),
+    "num_train_epochs": ("train.num_train_epochs", {"type": ["null", "number"], "exclusiveMinimum": 0, "maximum": 100,
+                                                    "description": "passes over train.jsonl (ignored when max_steps > 0)"}),
     "max_steps": ("train.max_steps", {"type": ["null", "integer"], "minimum": -1,
                                       "description": "-1 = train num_train_epochs; otherwise stop after this many steps"}),
 }
+
+
+def current_values(project_dir: str | Path) -> dict[str, Any]:
+    """params.yaml's value of every TUNABLE (what the form shows); {} when it cannot be read. Plain YAML: light
+    enough for DAG parse time."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((Path(project_dir) / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    for name, (key, _) in TUNABLES.items():
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[name] = node
+    return out
+
 
 # What a form's `overrides` may change (key prefixes). Not on it, because a UI user must not widen what the
 # deployment allows: trust_remote_code and allow_pickle_weights (security), paths.* (the roots form paths are
@@ -66,9 +91,12 @@ def deployment_project(dag_file: str | None = None) -> Path:
 
 
 def overrides(conf: dict[str, Any], extra: list[str] | None = None) -> list[str]:
-    """`section.key=value` overrides from the DAG params that were set (not null), then the form's
-    `overrides` list (allow-listed: form_overrides)."""
-    out = [f"{key}={conf[name]}" for name, (key, _) in TUNABLES.items() if conf.get(name) is not None]
+    """`section.key=value` overrides from the DAG params set to something other than params.yaml's value (the
+    form shows that value, so an untouched form overrides nothing), then the form's `overrides` list
+    (allow-listed: form_overrides)."""
+    now = current_values(conf["project_dir"]) if conf.get("project_dir") else {}
+    out = [f"{key}={conf[name]}" for name, (key, _) in TUNABLES.items()
+           if conf.get(name) is not None and conf.get(name) != now.get(name)]
     return out + form_overrides(extra)
 
 
@@ -165,7 +193,7 @@ def dvc_reason(conf: dict[str, Any]) -> str | None:
     if overrides(conf, conf.get("overrides")):
         return f"params overridden for this run ({', '.join(overrides(conf, conf.get('overrides')))})"
     other = [k for k, default in DVC_PATHS.items()
-             if (root / conf.get(k, default)).resolve() != (root / default).resolve()]
+             if (root / (conf.get(k) or default)).resolve() != (root / default).resolve()]
     if other:
         return f"{', '.join(other)} differ from dvc.yaml's paths"
     if int(conf.get("gpus", 1)) > 1:
@@ -196,11 +224,21 @@ def repro(project_dir: str | Path, stage: str, env: dict[str, str] | None = None
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *repro_command(stage)[1:]], cwd=project_dir, env=_dvc_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        tail.append(line)
-        seen += [what for marker, what in markers.items() if marker in line]
-    if proc.wait() != 0:
+    from ftlib.registry.pipeline import restore
+
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+            seen += [what for marker, what in markers.items() if marker in line]
+        failed = proc.wait() != 0
+    except BaseException:  # the task was cancelled or killed: stop DVC, put the last good outputs back
+        proc.terminate()
+        proc.wait()
+        restore(Path(project_dir), stage)
+        raise
+    if failed:  # DVC deleted the stage's outputs before running it: the last good ones go back in place
+        restore(Path(project_dir), stage)
         raise DvcReproError(f"dvc repro {stage} failed in {project_dir}: {''.join(tail).strip()[-2000:]}")
     return seen[0] if seen else "done"  # "done": a DVC version with other wording
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ftlib.airflow.orchestrate import (DvcReproError, deployment_project, dvc_reason, form_path, gpu_pod, overrides, push,
+from ftlib.airflow.orchestrate import (DVC_PATHS, DvcReproError, deployment_project, dvc_reason, form_path, gpu_pod, overrides, push,
                                       repro, repro_command)
 from ftlib.core.config import Params, load_params
 from ftlib.core.security import PathError
@@ -38,7 +38,7 @@ class Run:
 
     def path(self, key: str) -> Path:
         """A directory named by the form (raw_dir, splits_dir, ...), confined to the allowed roots."""
-        return form_path(str(self.project), str(self.form[key]))
+        return form_path(str(self.project), str(self.form.get(key) or DVC_PATHS[key]))  # empty: dvc.yaml's path
 
     def rel(self, path: str | Path) -> str:
         """A path as a pod sees it: relative to the project dir (mounted as the pod's workdir)."""
@@ -52,6 +52,9 @@ class Run:
 def current() -> Run:
     from airflow.sdk import get_current_context
 
+    from ftlib.core.log import silence_known_noise
+
+    silence_known_noise()
     ctx = get_current_context()
     form = dict(ctx["params"])
     # lineage: register records the Airflow dag/run/task ids it finds here on the MLflow version
@@ -61,7 +64,7 @@ def current() -> Run:
         raise PathError("project_dir is the deployment's (FTLIB_PROJECT_DIR), not a form field; remove it from the run's conf")
     project = deployment_project(ctx["dag"].fileloc)
     form["project_dir"] = str(project)  # what dvc_reason and the pods read
-    params_file = form_path(str(project), str(form["params_file"]))
+    params_file = form_path(str(project), str(form.get("params_file") or DVC_PATHS["params_file"]))
     extra = overrides(form, form.get("overrides"))
     reason = dvc_reason(form)
     if reason:

@@ -17,6 +17,16 @@ def get(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def silence_known_noise() -> None:
+    """Two messages every adapter load printed that ask nothing of the user: bitsandbytes' CPU backend failing to
+    fetch an optional kernel from the hub (no hub access here; its own CPU kernel runs instead), and PEFT reading
+    transformers' renamed `is_gradient_checkpointing` (a FutureWarning for PEFT's authors)."""
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def setup_cli(level: int = logging.INFO) -> None:
     """INFO and up from every ftlib logger to stderr, one line each: through a rich handler on a terminal,
     as plain `LEVEL message` lines elsewhere (CI, files, Airflow), so a path in a message is never wrapped."""
@@ -25,6 +35,7 @@ def setup_cli(level: int = logging.INFO) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
+    silence_known_noise()
     root = logging.getLogger("ftlib")
     for h in [h for h in root.handlers if getattr(h, "ftlib_cli", False)]:
         root.removeHandler(h)  # rebind to the current stderr (a test runner swaps it per command)

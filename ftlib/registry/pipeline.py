@@ -15,10 +15,26 @@ def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def repro(force: bool = False, root: Path = Path(".")) -> int:
-    """`dvc repro` of every stage in `root` (DVC skips what did not change), output streamed; its exit code."""
+    """`dvc repro` of every stage in `root` (DVC skips what did not change), output streamed; its exit code.
+
+    DVC deletes a stage's outputs before running it, so a failed or interrupted stage would leave no model at
+    all; then the outputs dvc.lock still records (the last good run's) are checked out of DVC's cache again."""
     if not (root / "dvc.yaml").is_file():
         raise ValueError(f"no dvc.yaml in {root.resolve()}; run from the project root")
-    return subprocess.call([sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])], cwd=root, env=dvc_env())
+    try:
+        code = subprocess.call([sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])], cwd=root, env=dvc_env())
+    except KeyboardInterrupt:
+        restore(root)
+        raise
+    if code != 0:
+        restore(root)
+    return code
+
+
+def restore(root: Path = Path("."), *targets: str) -> None:
+    """Check the outputs dvc.lock records back out of DVC's cache where they are missing (best effort)."""
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet", *targets], cwd=root, env=dvc_env(),
+                   capture_output=True, check=False)
 
 
 def outputs(root: Path = Path(".")) -> list[tuple[str, str, int | None]]:
