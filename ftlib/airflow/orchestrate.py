@@ -190,8 +190,8 @@ def dvc_reason(conf: dict[str, Any]) -> str | None:
         return "dvc_cache is off"
     if not _is_dvc_project(root):
         return f"{root} is not a DVC project"
-    if overrides(conf, conf.get("overrides")):
-        return f"params overridden for this run ({', '.join(overrides(conf, conf.get('overrides')))})"
+    if changed := overrides(conf, conf.get("overrides")):  # reads params.yaml once
+        return f"params overridden for this run ({', '.join(changed)})"
     other = [k for k, default in DVC_PATHS.items()
              if (root / (conf.get(k) or default)).resolve() != (root / default).resolve()]
     if other:
