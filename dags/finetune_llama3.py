@@ -30,6 +30,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from ftlib.airflow.orchestrate import TUNABLES, current_values, raw_data_asset
+from ftlib.core.config import PROFILES
 
 # The project checkout the tasks work in (the image's working dir in production).
 PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
@@ -54,6 +55,10 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
         "max_retry_delay": timedelta(minutes=10),
     },
     params={
+        "profile": Param("full", type="string", enum=list(PROFILES),
+                         description="full: the real run. smoke: every stage for real but cut to seconds (8 training steps, "
+                                     "q8_0 only, 16 benchmark rows, no base model), ~4 min on 2 cores; outputs go to "
+                                     "runs/smoke/, nothing is gated or registered."),
         **{name: Param(CURRENT.get(name), **schema) for name, (_, schema) in TUNABLES.items()},
         "executor": Param("local", type="string", enum=["local", "kubernetes"],
                           description="local: every stage in the task process on this worker; kubernetes: train and quantize in GPU pods."),

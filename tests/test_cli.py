@@ -91,6 +91,47 @@ def test_run_prints_outputs_and_the_run_summary(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["accuracy"] == 0.9
 
 
+@pytest.mark.slow
+def test_run_profile_smoke_runs_every_stage_into_its_own_root(tmp_path, monkeypatch, tiny_model):
+    """Issue 17: `ftlib run --profile smoke` runs validate -> split -> train -> quantize -> benchmark -> evaluate for
+    real, cut short, writes only under runs/smoke/ (DVC's outputs and the registry are left alone), and never
+    registers; invalid data stops it at validation."""
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["base_model"], p["validate"]["data_docs"] = tiny_model, False
+    p["train"]["per_device_train_batch_size"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    write_jsonl(tmp_path / "data" / "raw" / "d.jsonl", balanced(12))
+    before = {m.name for m in MlflowClient().search_registered_models()}
+    r = runner.invoke(app, ["run", "--profile", "smoke"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "profile smoke: outputs in runs/smoke/; nothing was gated or registered" in r.output
+    smoke = tmp_path / "runs" / "smoke"
+    assert json.loads((smoke / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 8
+    bench = json.loads((smoke / "reports" / "benchmark.json").read_text())
+    assert [v["kind"] for v in bench["variants"]] == ["adapter-fp32", "merged-fp32", "gguf-q8_0", "classical"]
+    metrics = json.loads((smoke / "reports" / "metrics.json").read_text())
+    assert metrics["n"] == len((smoke / "data" / "splits" / "test.jsonl").read_text().splitlines())  # the whole test split
+    assert "| gate | not run |" in (smoke / "reports" / "summary.md").read_text()
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["data", "params.yaml", "runs"]
+    assert [q.name for q in (tmp_path / "data").iterdir()] == ["raw"]
+    assert {m.name for m in MlflowClient().search_registered_models()} == before
+
+    write_jsonl(tmp_path / "data" / "raw" / "bad.jsonl", [{"instruction": "x", "output": 5}])
+    (smoke / "reports" / "metrics.json").unlink()
+    r = runner.invoke(app, ["run", "--profile", "smoke"])
+    assert r.exit_code == 1 and "bad.jsonl:1: type:" in r.output and "not valid data" in r.output
+    assert not (smoke / "reports" / "metrics.json").exists()
+    assert runner.invoke(app, ["run", "--profile", "quick"]).exit_code == 2
+
+
 def test_loading_an_adapter_prints_no_spurious_warnings(tiny_adapter):
     """Issue 17: every adapter load printed bitsandbytes' 'kernels-community' hub warning and PEFT's
     `is_gradient_checkpointing` FutureWarning into the CLI output and every task log."""

@@ -62,3 +62,21 @@ def test_unknown_key_in_file_is_refused(tmp_path: Path):
     f.write_text("split:\n  trian: 0.8\n")
     with pytest.raises(ConfigError, match="trian"):
         load_params(f)
+
+
+def test_profiles_load_and_keep_their_outputs_under_their_root():
+    """A profile is one switch (`ftlib run --profile`, the DAG form): every profile loads on the shipped params, the
+    smoke profile cuts each stage and writes only under its own root, and an unknown name is refused."""
+    from ftlib.core.config import PROFILES, get_profile
+
+    assert get_profile(None) is PROFILES["full"] and get_profile("full").overrides == ()
+    for profile in PROFILES.values():
+        load_params(REPO / "params.yaml", list(profile.overrides))
+    smoke = get_profile("smoke")
+    p = load_params(REPO / "params.yaml", [*smoke.overrides, "train.lora_r=8"])  # the run's own overrides still apply
+    assert p.train.lora_r == 8 and p.train.max_steps > 0 and p.quantize.variants == ["q8_0"] and not p.benchmark.include_base
+    assert smoke.root and not smoke.register
+    for out in (p.train.output_dir, p.train.checkpoint_dir, smoke.path("data/splits"), smoke.path("reports")):
+        assert Path(out).parts[:2] == Path(smoke.root).parts[:2], out
+    with pytest.raises(ConfigError, match="profile: one of full, smoke"):
+        get_profile("quick")

@@ -194,11 +194,12 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
         from airflow.dag_processing.dagbag import DagBag
         dag = DagBag(dag_folder={str(DAGS)!r}).dags["finetune_llama3"]
         out = {{}}
-        for name in ("first", "rerun"):
+        for name in ("first", "rerun", "smoke"):
             if name == "rerun":
                 shutil.rmtree({str(root / "models" / "adapter")!r})
             print(f"=== {{name}} ===", flush=True)
-            run = dag.test(run_conf={{}})  # the project is the deployment's: FTLIB_PROJECT_DIR
+            # the project is the deployment's: FTLIB_PROJECT_DIR
+            run = dag.test(run_conf={{"profile": "smoke"}} if name == "smoke" else {{"profile": "full"}})
             out[name] = {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}
         print("RESULT " + json.dumps(out))
     """)
@@ -210,15 +211,29 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
     assert out["first"] == dict.fromkeys(tasks, "success") and out["rerun"] == out["first"], out
     log = r.stdout + r.stderr
     first, rerun = log.split("=== rerun ===")
+    rerun, smoke = rerun.split("=== smoke ===")
     for stage in ("validate", "split", "train", "quantize", "benchmark", "evaluate"):
         assert f"dvc repro {stage}: ran" in first, stage
     assert "dvc repro train: restored from cache" in rerun
     for stage in ("validate", "split", "quantize", "benchmark", "evaluate"):
         assert f"dvc repro {stage}: unchanged" in rerun, stage
-    assert "Running stage" not in rerun and "calling ftlib directly" not in log
+    assert "Running stage" not in rerun and "calling ftlib directly" not in first + rerun
     assert json.loads((root / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 2
     assert [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]  # the splits were pushed
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout  # dvc.lock records what the DAG ran
     registration = json.loads((root / "reports" / "registration.json").read_text())
     assert registration["uri"] == "models:/dag-dvc/1"  # the rerun found the version the first run made
+    # profile smoke (issue 17): every stage for real, cut short, into runs/smoke/; DVC's outputs and the registry untouched
+    assert out["smoke"] == {**dict.fromkeys(tasks, "success"), "register": "skipped"}, out["smoke"]
+    assert "calling ftlib directly, DVC's cache is not used: profile smoke" in smoke and "dvc repro" not in smoke
+    assert "neither scored against the gate nor registered" in smoke
+    runs = root / "runs" / "smoke"
+    assert json.loads((runs / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 8
+    assert json.loads((root / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 2
+    assert (runs / "models" / "quantized" / "model-q8_0.gguf").is_file() and (runs / "reports" / "metrics.json").is_file()
+    assert "| gate | not run |" in (runs / "reports" / "summary.md").read_text()
+    assert "up to date" in subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True).stdout
+    from mlflow import MlflowClient
+
+    assert [v.version for v in MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_model_versions("name='dag-dvc'")] == [1]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftlib.core.config import METHODS, load_params
+from ftlib.core.config import METHODS, get_profile, load_params
 
 # DAG param -> (params.yaml key, JSON schema). The form shows params.yaml's current value; a value the user
 # changes becomes an override for that run (null, or params.yaml's value, keeps params.yaml's).
@@ -156,6 +156,7 @@ class DvcReproError(RuntimeError):
 DVC_PATHS = {"params_file": "params.yaml", "raw_dir": "data/raw", "validated_dir": "data/validated",
              "splits_dir": "data/splits", "reports_dir": "reports", "merged_dir": "models/merged",
              "quantized_dir": "models/quantized"}
+INPUT_PATHS = ("params_file", "raw_dir")  # the rest are outputs, which a profile with a root of its own moves
 
 
 def _is_dvc_project(root: Path) -> bool:
@@ -188,6 +189,8 @@ def dvc_reason(conf: dict[str, Any]) -> str | None:
     root = Path(conf["project_dir"])
     if not conf.get("dvc_cache", True):
         return "dvc_cache is off"
+    if (profile := conf.get("profile") or "full") != "full":
+        return f"profile {profile} (its outputs go to {get_profile(profile).root}/, outside dvc.yaml's)"
     if not _is_dvc_project(root):
         return f"{root} is not a DVC project"
     if changed := overrides(conf, conf.get("overrides")):  # reads params.yaml once

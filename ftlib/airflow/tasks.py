@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ftlib.airflow.orchestrate import (DVC_PATHS, DvcReproError, deployment_project, dvc_reason, form_path, gpu_pod, overrides, push,
-                                      repro, repro_command)
-from ftlib.core.config import Params, load_params
+from ftlib.airflow.orchestrate import (DVC_PATHS, INPUT_PATHS, DvcReproError, deployment_project, dvc_reason, form_path, gpu_pod,
+                                      overrides, push, repro, repro_command)
+from ftlib.core.config import Params, Profile, get_profile, load_params
 from ftlib.core.security import PathError
 
 
@@ -35,10 +35,15 @@ class Run:
     params: Params
     dvc: bool  # stages run as `dvc repro` (see the module docstring)
     context: Any
+    profile: Profile
 
     def path(self, key: str) -> Path:
-        """A directory named by the form (raw_dir, splits_dir, ...), confined to the allowed roots."""
-        return form_path(str(self.project), str(self.form.get(key) or DVC_PATHS[key]))  # empty: dvc.yaml's path
+        """A directory named by the form (raw_dir, splits_dir, ...), confined to the allowed roots. Empty or left at
+        dvc.yaml's path: dvc.yaml's path, moved under the profile's own root for an output (smoke: runs/smoke/...)."""
+        value = str(self.form.get(key) or DVC_PATHS[key])
+        if value == DVC_PATHS[key] and key not in INPUT_PATHS:
+            value = self.profile.path(value)
+        return form_path(str(self.project), value)
 
     def rel(self, path: str | Path) -> str:
         """A path as a pod sees it: relative to the project dir (mounted as the pod's workdir)."""
@@ -65,11 +70,12 @@ def current() -> Run:
     project = deployment_project(ctx["dag"].fileloc)
     form["project_dir"] = str(project)  # what dvc_reason and the pods read
     params_file = form_path(str(project), str(form.get("params_file") or DVC_PATHS["params_file"]))
-    extra = overrides(form, form.get("overrides"))
+    profile = get_profile(form.get("profile"))
+    extra = [*profile.overrides, *overrides(form, form.get("overrides"))]  # the form's own overrides win
     reason = dvc_reason(form)
     if reason:
         print(f"calling ftlib directly, DVC's cache is not used: {reason}")
-    return Run(project, form, params_file, extra, load_params(params_file, extra), reason is None, ctx)
+    return Run(project, form, params_file, extra, load_params(params_file, extra), reason is None, ctx, profile)
 
 
 @contextlib.contextmanager
@@ -185,6 +191,10 @@ def gate() -> bool:
     from ftlib.registry.register import gate as gate_decision
 
     run = current()
+    if not run.profile.register:
+        print(f"profile {run.profile.name}: the model was not really trained, so it is neither scored against the gate "
+              "nor registered")
+        return False
     reports = run.path("reports_dir")
     with in_project(run):
         g = gate_decision(run.params, reports / "metrics.json", run.path("splits_dir"),

@@ -68,6 +68,48 @@ SPLITS = ("train", "validation", "test")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@dataclass(frozen=True)
+class Profile:
+    """One switch that changes a whole run consistently: `ftlib run --profile NAME`, the DAG form's `profile`."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    """params overrides applied before the run's own (which win)."""
+    root: str = ""
+    """Where the run's outputs go instead of the pipeline's (data/splits -> ROOT/data/splits, ...), so the
+    DVC-tracked outputs and the adapter the registry's versions came from are never touched; "" = the pipeline's."""
+    register: bool = True
+    """Whether the gate scores what the run made and may register it."""
+
+    def path(self, default: str) -> str:
+        """An output path of the pipeline (as dvc.yaml names it) for this profile."""
+        return str(Path(self.root) / default) if self.root else default
+
+
+SMOKE_ROOT = "runs/smoke"
+PROFILES = {
+    "full": Profile("full"),
+    # Every stage runs for real on the real data and model, each cut to seconds (≤ 5 min on 2 cores through the UI:
+    # benchmarks/smoke_run.py): 8 training steps with no validation checks, one GGUF variant (q8_0) benchmarked on 16
+    # test rows without the base model. The model it makes is not trained, so nothing is gated or registered.
+    "smoke": Profile("smoke", (
+        "train.max_steps=8", "train.eval_steps=0", "train.save_steps=8",
+        f"train.output_dir={SMOKE_ROOT}/models/adapter", f"train.checkpoint_dir={SMOKE_ROOT}/models/checkpoints",
+        "quantize.variants=[q8_0]",
+        "benchmark.include_base=false", "benchmark.max_examples=16", "benchmark.latency_examples=2", "benchmark.decode_tokens=8",
+        "benchmark.max_new_tokens=8",
+    ), SMOKE_ROOT, register=False),
+}
+
+
+def get_profile(name: str | None) -> Profile:
+    if not name:
+        return PROFILES["full"]
+    if name not in PROFILES:
+        raise ConfigError(f"profile: one of {', '.join(PROFILES)}; got {name!r}")
+    return PROFILES[name]
+
+
 @dataclass
 class TrainConfig:
     method: Method = "auto"
