@@ -8,6 +8,7 @@ Light at import (stdlib only): DAG files import it at parse time. The Kubernetes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import time
@@ -209,6 +210,16 @@ def repro_command(stage: str) -> list[str]:
     return ["dvc", "repro", "--single-item", stage]
 
 
+def _relay(line: str) -> None:
+    """A line of `dvc repro`'s output into this task's log, at the level the `ftlib` it ran wrote it with (its CLI
+    writes `LEVEL message` off a terminal); DVC's own lines at INFO."""
+    level, _, message = line.rstrip("\n").partition(" ")
+    if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") and message:
+        logging.getLogger("ftlib.dvc").log(getattr(logging, level), message)
+    elif line.strip():
+        logging.getLogger("ftlib.dvc").info(line.rstrip("\n"))
+
+
 def repro(project_dir: str | Path, stage: str, env: dict[str, str] | None = None) -> str:
     """Run one dvc.yaml stage through DVC; what DVC did: "ran", "unchanged" or "restored from cache".
 
@@ -231,7 +242,7 @@ def repro(project_dir: str | Path, stage: str, env: dict[str, str] | None = None
 
     try:
         for line in proc.stdout:
-            print(line, end="", flush=True)
+            _relay(line)
             tail.append(line)
             seen += [what for marker, what in markers.items() if marker in line]
         failed = proc.wait() != 0

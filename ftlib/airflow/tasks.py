@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from ftlib.airflow.orchestrate import (DVC_PATHS, INPUT_PATHS, DvcReproError, de
                                       overrides, push, repro, repro_command)
 from ftlib.core.config import Params, Profile, get_profile, load_params
 from ftlib.core.security import PathError
+
+log = logging.getLogger(__name__)  # Airflow files each line under its level
 
 
 @dataclass
@@ -57,9 +60,10 @@ class Run:
 def current() -> Run:
     from airflow.sdk import get_current_context
 
-    from ftlib.core.log import silence_known_noise
+    from ftlib.core.log import line_mode, silence_known_noise
 
     silence_known_noise()
+    line_mode()  # progress as log lines, no tqdm bars (their stderr lines show as red ERROR in the task log)
     ctx = get_current_context()
     form = dict(ctx["params"])
     # lineage: register records the Airflow dag/run/task ids it finds here on the MLflow version
@@ -74,7 +78,7 @@ def current() -> Run:
     extra = [*profile.overrides, *overrides(form, form.get("overrides"))]  # the form's own overrides win
     reason = dvc_reason(form)
     if reason:
-        print(f"calling ftlib directly, DVC's cache is not used: {reason}")
+        log.info(f"calling ftlib directly, DVC's cache is not used: {reason}")
     return Run(project, form, params_file, extra, load_params(params_file, extra), reason is None, ctx, profile)
 
 
@@ -95,7 +99,7 @@ def stage(run: Run, name: str, direct: Callable[[], Any], cli: list[str] | None 
     if run.dvc:
         if on_pod:
             return gpu_pod(name, repro_command(name), 1).execute(run.context)
-        print(f"dvc repro {name}: {repro(str(run.project), name, dict(os.environ))}")
+        log.info(f"dvc repro {name}: {repro(str(run.project), name, dict(os.environ))}")
         return None
     if on_pod:
         args = [*(cli or [name]), "-p", run.rel(run.params_file)]
@@ -124,7 +128,7 @@ def validate() -> str:
         raise  # DVC itself failed: retried
     if result is not None:
         for issue in result.issues:
-            print(issue)
+            log.log(logging.ERROR if issue.severity == "error" else logging.WARNING, str(issue))
         if not result.ok:
             raise AirflowFailException(f"{len(result.errors)} validation errors; {links}")
     return str(out / "report.json")
@@ -138,9 +142,9 @@ def split() -> dict[str, str]:
     out = run.path("splits_dir")
     result = stage(run, "split", lambda: split_paths([run.path("raw_dir")], run.params, out))
     if run.dvc:
-        print(push(str(run.project), "split"))  # an unreachable remote fails (and retries) the task
+        log.info(push(str(run.project), "split"))  # an unreachable remote fails (and retries) the task
     else:
-        print(f"split counts: {result.counts} per label: {result.per_label}")
+        log.info(f"split counts: {result.counts} per label: {result.per_label}")
     return {s: str(out / f"{s}.jsonl") for s in SPLITS}
 
 
@@ -180,7 +184,7 @@ def evaluate() -> str:
     p, reports = run.params, run.path("reports_dir")
     stage(run, "evaluate", lambda: evaluate_stage(
         str(run.project / p.train.output_dir), run.path("splits_dir") / "test.jsonl", labels=p.data.labels, task=p.data.task,
-        template=p.template, predictions_csv=reports / "predictions.csv", progress=False,
+        template=p.template, predictions_csv=reports / "predictions.csv", progress=True,  # line mode here
         metrics_json=reports / "metrics.json", confusion_png=reports / "plots" / "confusion_matrix.png"))
     return str(reports / "metrics.json")
 
@@ -192,7 +196,7 @@ def gate() -> bool:
 
     run = current()
     if not run.profile.register:
-        print(f"profile {run.profile.name}: the model was not really trained, so it is neither scored against the gate "
+        log.info(f"profile {run.profile.name}: the model was not really trained, so it is neither scored against the gate "
               "nor registered")
         return False
     reports = run.path("reports_dir")
@@ -200,10 +204,10 @@ def gate() -> bool:
         g = gate_decision(run.params, reports / "metrics.json", run.path("splits_dir"),
                           run.project / run.params.train.output_dir, reports / "gate.json")
     if g.already:
-        print(f"this candidate is already registered as {g.already}; its gate decision stands ({'passed' if g.passed else 'refused'}), "
+        log.info(f"this candidate is already registered as {g.already}; its gate decision stands ({'passed' if g.passed else 'refused'}), "
               "nothing re-scored")
     for reason in g.reasons:
-        print(f"refused: {reason}")
+        log.warning(f"refused: {reason}")
     return g.passed
 
 
@@ -218,16 +222,16 @@ def register() -> dict[str, Any]:
                              run.path("quantized_dir"), run.path("merged_dir"), run.path("validated_dir") / "report.json",
                              record=reports / "registration.json")
     for m in r.messages:
-        print(m)
+        log.info(m)
     return json.loads((reports / "registration.json").read_text())
 
 
 def summary() -> dict[str, Any]:
     """What this run produced and decided (also reports/summary.md): runs whether or not the gate passed."""
-    from ftlib.registry.summary import summary as summarize
+    from ftlib.registry.summary import readable, summary as summarize
 
     run = current()
     s = summarize(run.path("reports_dir"), run.path("splits_dir"))
     for k, v in s.items():
-        print(f"{k:>20}: {v}")
+        log.info(f"{k.replace('_', ' '):>20}: {readable(v)}")
     return s

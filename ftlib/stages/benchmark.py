@@ -212,8 +212,9 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
     common = {"data": str(test), "task": params.data.task, "labels": list(params.data.labels),
               "template": template_of(adapter, params.template), "max_new_tokens": max_new,
               "decode_tokens": cfg.decode_tokens, "max_examples": cfg.max_examples, "latency_examples": cfg.latency_examples}
-    for row in rows:
-        progress(f"benchmarking {row['name']} ({row['runtime']}) ...")
+    total = len(rows) + (params.data.task == "classification")
+    for i, row in enumerate(rows, 1):
+        progress(f"benchmarking [{i}/{total}] {row['name']} ({row['runtime']}) ...")
         t = time.perf_counter()
         row.update(_child({**common, **row}))
         row["wall_s"] = round(time.perf_counter() - t, 1)  # the whole child: start-up, load, every measurement
@@ -221,7 +222,7 @@ def benchmark(params: Any, adapter: str = "models/adapter", quantized_dir: str =
                                            f"accuracy {row['accuracy']:.3f}, {row['wall_s']:.0f} s"))
         row.setdefault("size_mb", size_mb(resolve(row["path"]) if row["kind"] == "base-fp32" else row["path"]))
     if params.data.task == "classification":
-        progress("benchmarking TF-IDF + logistic regression ...")
+        progress(f"benchmarking [{total}/{total}] TF-IDF + logistic regression ...")
         rows.append({"name": "tf-idf + logreg", "kind": "classical", "runtime": "scikit-learn", "path": str(data / "train.jsonl"),
                      **tfidf_baseline(data / "train.jsonl", test, list(params.data.labels))})
 

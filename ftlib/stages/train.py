@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from ftlib.core.atomic import write_json
 from ftlib.core.config import SPLITS, Params, TrainConfig, as_dict, flatten
 from ftlib.core.errors import InvalidData
+from ftlib.core.log import ProgressLines, on_terminal
 from ftlib.core.log import get as get_logger
 from ftlib.core.tracking import setup_tracking
 from ftlib.core.formats import encode_example, read_examples
@@ -531,10 +532,14 @@ class Tracker(TrainerCallback):
         self.run_id: str | None = None
         self.history: list[dict[str, float]] = []  # step, examples_per_s, peak_rss_mb
         self.train_seconds = 0.0
+        self.lines: ProgressLines | None = None  # off a terminal: progress as log lines (Airflow, CI)
 
     def on_train_begin(self, args, state, control, **kw):
         import mlflow
 
+        if not on_terminal():
+            self.lines = ProgressLines(log, "training", state.max_steps)
+            self.lines.done = state.global_step  # a resumed run counts from its checkpoint
         run = mlflow.active_run()
         if run is None:
             return
@@ -567,6 +572,9 @@ class Tracker(TrainerCallback):
 
             metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         logs.update({k: round(v, 3) for k, v in metrics.items()})  # shown in the progress log
+        if self.lines is not None:
+            self.lines.what = f"training (loss {float(logs['loss']):.3f}, {metrics['examples_per_s']:.1f} examples/s) step"
+            self.lines(steps)
         self.history.append({"step": state.global_step, **metrics})
         if mlflow.active_run() is not None:
             mlflow.log_metrics(metrics, step=state.global_step)
@@ -762,6 +770,11 @@ def train(params: Params, data_dir: str | Path = "data/splits", reports_dir: str
             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
             callbacks=_callbacks(params, tracker, extra_callbacks or [], eval_examples, tokenizer),
         )
+        if not on_terminal():  # line mode: the Tracker logs progress lines; these would print a dict per step
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
         resume = last_good_checkpoint(ckpt_dir)
         if resume and _finished(resume):
             # The Trainer would run one more step when resumed mid-epoch at max_steps: load instead.
