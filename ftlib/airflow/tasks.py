@@ -5,7 +5,8 @@ paths (`form_path`: the form is untrusted input), and calls the stage functions 
 project dir as working directory (relative paths in params.yaml, and the default `mlflow.db`, mean the same
 as for `ftlib` run there). Two things change where a stage runs, both decided in `stage()`:
   * DVC can see the whole run (`dvc_reason`): the stage is `dvc repro STAGE`, which reuses DVC's cache;
-  * executor=kubernetes: the GPU stages (train, quantize) run `ftlib STAGE` (or `dvc repro`) in a pod.
+  * executor=kubernetes: the GPU stages (train, quantize, benchmark, evaluate, and the gate's re-scoring of
+    the base model and the champion) run `ftlib STAGE` (or `dvc repro`) in a pod.
 Imported by the tasks at run time only: the DAG file stays light at parse time.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -92,12 +94,36 @@ def stage(run: Run, name: str, direct: Callable[[], Any], cli: list[str] | None 
         print(f"dvc repro {name}: {repro(str(run.project), name, dict(os.environ))}")
         return None
     if on_pod:
-        args = [*(cli or [name]), "-p", run.rel(run.params_file)]
-        for o in run.overrides:
-            args += ["-o", o]
-        return gpu_pod(name, args, int(run.form.get("gpus") or 1)).execute(run.context)
+        return in_pod(run, name, cli or [name])
     with in_project(run):
         return direct()
+
+
+def in_pod(run: Run, name: str, cli: list[str]) -> Any:
+    """`ftlib CLI... -p PARAMS -o ...` in the GPU pod. Only training spreads over several GPUs (accelerate
+    launch); N copies of any other stage would write the same outputs."""
+    args = [*cli, "-p", run.rel(run.params_file)]
+    for o in run.overrides:
+        args += ["-o", o]
+    return gpu_pod(name, args, int(run.form.get("gpus") or 1) if name == "train" else 1).execute(run.context)
+
+
+def pod_rescore(run: Run) -> Callable[[str], dict[str, float]] | None:
+    """executor=kubernetes: the gate scores the base model and the champion with `ftlib evaluate` in the GPU
+    pod (an 8B model on the CPU worker would take hours), reading the metrics back from the shared volume.
+    None: they are scored in this process."""
+    if run.executor != "kubernetes":
+        return None
+    from ftlib.registry.register import primary_metrics
+
+    def rescore(model: str) -> dict[str, float]:
+        out = run.path("reports_dir") / "gate_rescore" / (re.sub(r"[^\w.-]+", "_", model) + ".json")
+        out.unlink(missing_ok=True)  # never read an earlier run's scores
+        in_pod(run, "gate", ["evaluate", "--model", model, "--data", run.rel(run.path("splits_dir") / "test.jsonl"),
+                             "--json", run.rel(out)])
+        return primary_metrics(run.params, json.loads(out.read_text()))
+
+    return rescore
 
 
 def validate() -> str:
@@ -161,8 +187,11 @@ def quantize_and_benchmark() -> str:
     cli = ["quantize", "--model", run.rel(adapter), "--out-dir", run.rel(quantized), "--merged-dir", run.rel(merged)]
     stage(run, "quantize", lambda: quantize(adapter, quantized, merged, p.quantize.variants, p.quantize.merged_dtype,
                                             allow_pickle_weights=p.allow_pickle_weights), cli, gpu=True)
+    # In the GPU pod with executor=kubernetes; its GGUF rows run there too, on the pod's CPUs (llama.cpp's CPU build).
+    bench = ["benchmark", "--adapter", run.rel(adapter), "--quantized", run.rel(quantized),
+             "--data-dir", run.rel(run.path("splits_dir")), "--json", run.rel(out)]
     stage(run, "benchmark", lambda: benchmark(p, adapter, str(quantized), str(run.path("splits_dir")), str(out),
-                                              p.benchmark.include_base))
+                                              p.benchmark.include_base), bench, gpu=True)
     return str(out)
 
 
@@ -172,10 +201,13 @@ def evaluate() -> str:
 
     run = current()
     p, reports = run.params, run.path("reports_dir")
+    adapter, test = run.project / p.train.output_dir, run.path("splits_dir") / "test.jsonl"
+    cli = ["evaluate", "--model", run.rel(adapter), "--data", run.rel(test), "--json", run.rel(reports / "metrics.json"),
+           "--plot", run.rel(reports / "plots" / "confusion_matrix.png"), "--predictions", run.rel(reports / "predictions.csv")]
     stage(run, "evaluate", lambda: evaluate_stage(
-        str(run.project / p.train.output_dir), run.path("splits_dir") / "test.jsonl", labels=p.data.labels, task=p.data.task,
+        str(adapter), test, labels=p.data.labels, task=p.data.task,
         template=p.template, predictions_csv=reports / "predictions.csv", progress=False,
-        metrics_json=reports / "metrics.json", confusion_png=reports / "plots" / "confusion_matrix.png"))
+        metrics_json=reports / "metrics.json", confusion_png=reports / "plots" / "confusion_matrix.png"), cli, gpu=True)
     return str(reports / "metrics.json")
 
 
@@ -188,7 +220,7 @@ def gate() -> bool:
     reports = run.path("reports_dir")
     with in_project(run):
         g = gate_decision(run.params, reports / "metrics.json", run.path("splits_dir"),
-                          run.project / run.params.train.output_dir, reports / "gate.json")
+                          run.project / run.params.train.output_dir, reports / "gate.json", rescore=pod_rescore(run))
     if g.already:
         print(f"this candidate is already registered as {g.already}; its gate decision stands ({'passed' if g.passed else 'refused'}), "
               "nothing re-scored")
