@@ -15,8 +15,8 @@ run, and the splits are pushed to the DVC remote. A run with overrides or other 
 calls ftlib directly (the log says why), where a finished training checkpoint of the same
 data and params is still reused.
 
-executor=local runs every stage in the task's process; executor=kubernetes runs train and quantize
-as pods on a GPU node (ftlib.airflow.orchestrate.gpu_pod: nvidia.com/gpu limit, GPU node selector
+executor=local runs every stage in the task's process; executor=kubernetes runs train, quantize,
+benchmark, evaluate and the gate's re-scoring as pods on a GPU node (ftlib.airflow.orchestrate.gpu_pod: nvidia.com/gpu limit, GPU node selector
 and toleration, the project PVC, secrets from Kubernetes secrets, non-root).
 """
 
@@ -61,8 +61,8 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
                                      "runs/smoke/, nothing is gated or registered."),
         **{name: Param(CURRENT.get(name), **schema) for name, (_, schema) in TUNABLES.items()},
         "executor": Param("local", type="string", enum=["local", "kubernetes"],
-                          description="local: every stage in the task process on this worker; kubernetes: train and quantize in GPU pods."),
-        "gpus": Param(1, type="integer", minimum=1, maximum=8, description="GPUs per pod (>1 runs `accelerate launch`)."),
+                          description="local: every stage in the task process on this worker; kubernetes: train, quantize, benchmark, evaluate and the gate's re-scoring in GPU pods."),
+        "gpus": Param(1, type="integer", minimum=1, maximum=8, description="GPUs of the train pod (>1 runs `accelerate launch`); the other pods take one."),
         "params_file": Param("params.yaml", type=["null", "string"],
                              description="params.yaml, relative to the project dir (the deployment's FTLIB_PROJECT_DIR)."),
         "raw_dir": Param("data/raw", type=["null", "string"], description="Where new JSONL data lands."),

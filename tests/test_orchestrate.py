@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ftlib.airflow.orchestrate import TUNABLES, collect_landed, gpu_pod, overrides, pod_command
+from ftlib.airflow.orchestrate import POD_GID, POD_UID, TUNABLES, collect_landed, gpu_pod, overrides, pod_command
 from tests.conftest import REPO
 from tests.test_dvc import repo  # noqa: F401  (the temp git + DVC project fixture)
 
@@ -83,6 +83,7 @@ def test_collect_landed_moves_finished_files_atomically_and_never_overwrites(tmp
 def test_gpu_pod_spec(gpus, monkeypatch):
     monkeypatch.setenv("FTLIB_POD_IMAGE", "registry.example/ftlib-trainer:1.2.3")
     monkeypatch.setenv("FTLIB_POD_NODE_SELECTOR", '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}')
+    monkeypatch.setenv("FTLIB_POD_IMAGE_PULL_SECRETS", "regcred, other")
     op = gpu_pod("train", ["train", "--data-dir", "data/splits", "-o", "train.lora_r=8"], gpus)
     pod = op.build_pod_request_obj(dry_run=True)  # the provider's own pod-building code, no cluster needed
     spec, c = pod.spec, pod.spec.containers[0]
@@ -97,17 +98,82 @@ def test_gpu_pod_spec(gpus, monkeypatch):
     assert c.resources.requests["cpu"] == "8" and c.resources.requests["memory"] == "48Gi"
     assert spec.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert [(t.key, t.operator, t.effect) for t in spec.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
-    [vol] = spec.volumes
-    assert vol.persistent_volume_claim.claim_name == "ftlib-work"
-    assert [(m.name, m.mount_path) for m in c.volume_mounts] == [("work", "/work")]
+    vols = {v.name: v for v in spec.volumes}
+    assert vols["work"].persistent_volume_claim.claim_name == "ftlib-work"
+    mounts = [(m.name, m.mount_path) for m in c.volume_mounts]
+    if gpus > 1:  # NCCL's shared memory between the GPU processes: a RAM-backed /dev/shm
+        assert mounts == [("work", "/work"), ("dshm", "/dev/shm")]
+        assert vols["dshm"].empty_dir.medium == "Memory" and vols["dshm"].empty_dir.size_limit == "16Gi"
+    else:
+        assert mounts == [("work", "/work")] and set(vols) == {"work"}
+    assert [s.name for s in spec.image_pull_secrets] == ["regcred", "other"]
     env = {e.name: e for e in c.env}
     assert env["MLFLOW_TRACKING_URI"].value is None  # never a literal
     assert env["MLFLOW_TRACKING_URI"].value_from.secret_key_ref.name == "ftlib-mlflow"
+    hf = env["HF_TOKEN"].value_from.secret_key_ref  # gated models; a pod without the secret still starts
+    assert (hf.name, hf.key, hf.optional, env["HF_TOKEN"].value) == ("ftlib-hf", "token", True, None)
     assert [e.secret_ref.name for e in c.env_from] == ["ftlib-object-store"]
-    assert spec.security_context.run_as_non_root and spec.security_context.run_as_user == 1000
+    sc = spec.security_context  # the images' user (tests/test_docker.py checks the Dockerfiles against these)
+    assert sc.run_as_non_root and (sc.run_as_user, sc.run_as_group, sc.fs_group) == (POD_UID, POD_GID, POD_GID) == (50000, 0, 0)
     assert c.security_context.allow_privilege_escalation is False and c.security_context.capabilities.drop == ["ALL"]
     assert op.on_finish_action.value == "delete_succeeded_pod"
     assert pod.metadata.namespace == "ml" and pod.metadata.labels["ftlib/stage"] == "train"
+
+
+def test_no_pull_secrets_by_default(monkeypatch):
+    monkeypatch.delenv("FTLIB_POD_IMAGE_PULL_SECRETS", raising=False)
+    assert not gpu_pod("train", ["train"], 1).build_pod_request_obj(dry_run=True).spec.image_pull_secrets
+
+
+@pytest.mark.parametrize("dvc", [False, True])
+def test_kubernetes_runs_every_gpu_worthy_stage_as_a_pod(dvc, tmp_path, monkeypatch):
+    """executor=kubernetes: train, quantize, benchmark, evaluate and the gate's re-scoring each start a pod
+    (nothing runs in the worker), with arguments the ftlib CLI accepts and paths relative to the project
+    (the pod's workdir). Only train gets the form's 4 GPUs."""
+    from typer.main import get_command
+
+    from ftlib.airflow import tasks
+    from ftlib.cli.main import app
+    from ftlib.core.config import load_params
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    run = tasks.Run(tmp_path, {"executor": "kubernetes", "gpus": 4}, tmp_path / "params.yaml", ["train.lora_r=8"],
+                    load_params(tmp_path / "params.yaml"), dvc, context={})
+    pods = []
+
+    class Pod:
+        def __init__(self, name, args, gpus):
+            pods.append((name, args, gpus))
+            self.args = args
+
+        def execute(self, context):
+            if self.args[0] == "evaluate" and "--json" in self.args:  # the re-score reads its metrics back
+                out = tmp_path / self.args[self.args.index("--json") + 1]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text('{"accuracy": 0.75, "f1_macro": 0.5}')
+
+    monkeypatch.setattr(tasks, "gpu_pod", Pod)
+    monkeypatch.setattr(tasks, "current", lambda: run)
+    monkeypatch.setattr(tasks, "repro", lambda *a: pytest.fail("a stage ran in the worker"))
+    tasks.train()
+    tasks.quantize_and_benchmark()
+    tasks.evaluate()
+    assert tasks.pod_rescore(run)("models:/ftlib-sentiment/3") == {"score": 0.75, "f1": 0.5}
+    assert tasks.pod_rescore(tasks.Run(**{**run.__dict__, "form": {"executor": "local"}})) is None  # in the worker
+    names = [n for n, _, _ in pods]
+    assert names == ["train", "quantize", "benchmark", "evaluate", "gate"]
+    assert [g for _, _, g in pods] == [1 if dvc else 4, 1, 1, 1, 1]
+    cli = get_command(app)
+    for name, args, _ in pods:
+        if dvc and name != "gate":
+            assert args == ["dvc", "repro", "--single-item", name]
+            continue
+        assert args[-4:] == ["-p", "params.yaml", "-o", "train.lora_r=8"]
+        assert not any(a.startswith(str(tmp_path)) for a in args), args  # the pod mounts the project elsewhere
+        cli.commands[args[0]].make_context(args[0], list(args[1:]))  # raises on an option `ftlib` does not have
+    gate_args = pods[-1][1]
+    assert gate_args[:3] == ["evaluate", "--model", "models:/ftlib-sentiment/3"]
+    assert gate_args[gate_args.index("--json") + 1] == "reports/gate_rescore/models_ftlib-sentiment_3.json"
 
 
 def test_pod_command():

@@ -377,6 +377,7 @@ ALLOWED_SECRETS = {
     ("docker/.env.example", "POSTGRES_PASSWORD=change-me"),  # template for docker/.env: "change every value"
     ("docker/.env.example", "AIRFLOW_JWT_SECRET=change-me-to-a-long-random-string"),
     ("docker/.env.example", "MINIO_ROOT_PASSWORD=change-me-too"),
+    ("docker/.env.example", "AIRFLOW_ADMIN_PASSWORD=change-me-three"),  # the Airflow admin airflow-init creates
 }
 
 

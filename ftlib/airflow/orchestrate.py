@@ -274,8 +274,8 @@ def push(project_dir: str | Path, stage: str) -> str:
 # The GPU pod
 
 POD_DEFAULTS = {
-    "image": "ghcr.io/ftlib/trainer:latest",     # docker/trainer.Dockerfile
-    "namespace": "ml",
+    "image": "ghcr.io/ftlib/trainer:latest",     # docker/Dockerfile.trainer
+    "namespace": "ml",                            # the Airflow workers' own: a PVC is mounted only in its namespace
     "pvc": "ftlib-work",                          # holds the project checkout: data/, models/, reports/
     "workdir": "/work",
     "node_selector": {"nvidia.com/gpu.present": "true"},
@@ -283,7 +283,13 @@ POD_DEFAULTS = {
     "cpu": "8", "memory": "48Gi", "memory_limit": "64Gi",
     "mlflow_secret": "ftlib-mlflow",              # key tracking_uri (+ username/password)
     "storage_secret": "ftlib-object-store",       # AWS_* keys for the DVC remote / MLflow artifacts
+    "hf_secret": "ftlib-hf",                      # key `token` -> HF_TOKEN for gated hub models; optional
+    "image_pull_secrets": "",                     # comma-separated docker-registry secrets of a private registry
+    "shm_size": "16Gi",                           # /dev/shm of a multi-GPU pod (counts against memory_limit)
 }
+# The trainer image's user (docker/Dockerfile.trainer) is the Airflow image's, uid 50000 gid 0: workers and
+# pods write the same shared volume, so they must own what they write alike.
+POD_UID, POD_GID = 50000, 0
 
 
 def pod_setting(name: str) -> str | dict[str, str]:
@@ -311,6 +317,13 @@ def gpu_pod(task_id: str, args: list[str], gpus: int = 1) -> Any:
     from kubernetes.client import models as k8s
 
     workdir = str(pod_setting("workdir"))
+    volumes = [k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+        claim_name=str(pod_setting("pvc"))))]
+    mounts = [k8s.V1VolumeMount(name="work", mount_path=workdir)]
+    if gpus > 1:  # NCCL passes data between the GPU processes through /dev/shm; a container's default 64 MB stalls it
+        volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+            medium="Memory", size_limit=str(pod_setting("shm_size")))))
+        mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
     return KubernetesPodOperator(
         task_id=task_id,
         name=f"ftlib-{task_id.replace('_', '-')}",
@@ -324,17 +337,20 @@ def gpu_pod(task_id: str, args: list[str], gpus: int = 1) -> Any:
         ),
         node_selector=dict(pod_setting("node_selector")),  # type: ignore[arg-type]
         tolerations=[k8s.V1Toleration(key=str(pod_setting("toleration_key")), operator="Exists", effect="NoSchedule")],
-        volumes=[k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=str(pod_setting("pvc"))))],
-        volume_mounts=[k8s.V1VolumeMount(name="work", mount_path=workdir)],
+        volumes=volumes,
+        volume_mounts=mounts,
+        image_pull_secrets=[k8s.V1LocalObjectReference(name=s.strip())
+                            for s in str(pod_setting("image_pull_secrets")).split(",") if s.strip()],
         env_vars=[
             k8s.V1EnvVar(name="MLFLOW_TRACKING_URI", value_from=k8s.V1EnvVarSource(
                 secret_key_ref=k8s.V1SecretKeySelector(name=str(pod_setting("mlflow_secret")), key="tracking_uri"))),
+            k8s.V1EnvVar(name="HF_TOKEN", value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(
+                name=str(pod_setting("hf_secret")), key="token", optional=True))),  # no secret: public models only
             k8s.V1EnvVar(name="HF_HOME", value=f"{workdir}/.cache/huggingface"),
             k8s.V1EnvVar(name="FTLIB_CACHE", value=f"{workdir}/.cache/ftlib"),
         ],
         secrets=[Secret("env", None, str(pod_setting("storage_secret")))],  # every key as an env var
-        security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, run_as_group=1000, fs_group=1000),
+        security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=POD_UID, run_as_group=POD_GID, fs_group=POD_GID),
         container_security_context=k8s.V1SecurityContext(
             allow_privilege_escalation=False, run_as_non_root=True, capabilities=k8s.V1Capabilities(drop=["ALL"])),
         labels={"app.kubernetes.io/name": "ftlib", "ftlib/stage": task_id},

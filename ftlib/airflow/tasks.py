@@ -5,7 +5,8 @@ paths (`form_path`: the form is untrusted input), and calls the stage functions 
 project dir as working directory (relative paths in params.yaml, and the default `mlflow.db`, mean the same
 as for `ftlib` run there). Two things change where a stage runs, both decided in `stage()`:
   * DVC can see the whole run (`dvc_reason`): the stage is `dvc repro STAGE`, which reuses DVC's cache;
-  * executor=kubernetes: the GPU stages (train, quantize) run `ftlib STAGE` (or `dvc repro`) in a pod.
+  * executor=kubernetes: the GPU stages (train, quantize, benchmark, evaluate, and the gate's re-scoring of
+    the base model and the champion) run `ftlib STAGE` (or `dvc repro`) in a pod.
 Imported by the tasks at run time only: the DAG file stays light at parse time.
 """
 
@@ -15,13 +16,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ftlib.airflow.orchestrate import (DVC_PATHS, INPUT_PATHS, DvcReproError, deployment_project, dvc_reason, form_path, gpu_pod,
                                       overrides, push, repro, repro_command)
-from ftlib.core.config import Params, Profile, get_profile, load_params
+from ftlib.core.config import PROFILES, Params, Profile, get_profile, load_params
 from ftlib.core.security import PathError
 
 log = logging.getLogger(__name__)  # Airflow files each line under its level
@@ -38,7 +40,7 @@ class Run:
     params: Params
     dvc: bool  # stages run as `dvc repro` (see the module docstring)
     context: Any
-    profile: Profile
+    profile: Profile = PROFILES["full"]  # frozen: safe as a shared default
 
     def path(self, key: str) -> Path:
         """A directory named by the form (raw_dir, splits_dir, ...), confined to the allowed roots. Empty or left at
@@ -102,12 +104,36 @@ def stage(run: Run, name: str, direct: Callable[[], Any], cli: list[str] | None 
         log.info(f"dvc repro {name}: {repro(str(run.project), name, dict(os.environ))}")
         return None
     if on_pod:
-        args = [*(cli or [name]), "-p", run.rel(run.params_file)]
-        for o in run.overrides:
-            args += ["-o", o]
-        return gpu_pod(name, args, int(run.form.get("gpus") or 1)).execute(run.context)
+        return in_pod(run, name, cli or [name])
     with in_project(run):
         return direct()
+
+
+def in_pod(run: Run, name: str, cli: list[str]) -> Any:
+    """`ftlib CLI... -p PARAMS -o ...` in the GPU pod. Only training spreads over several GPUs (accelerate
+    launch); N copies of any other stage would write the same outputs."""
+    args = [*cli, "-p", run.rel(run.params_file)]
+    for o in run.overrides:
+        args += ["-o", o]
+    return gpu_pod(name, args, int(run.form.get("gpus") or 1) if name == "train" else 1).execute(run.context)
+
+
+def pod_rescore(run: Run) -> Callable[[str], dict[str, float]] | None:
+    """executor=kubernetes: the gate scores the base model and the champion with `ftlib evaluate` in the GPU
+    pod (an 8B model on the CPU worker would take hours), reading the metrics back from the shared volume.
+    None: they are scored in this process."""
+    if run.executor != "kubernetes":
+        return None
+    from ftlib.registry.register import primary_metrics
+
+    def rescore(model: str) -> dict[str, float]:
+        out = run.path("reports_dir") / "gate_rescore" / (re.sub(r"[^\w.-]+", "_", model) + ".json")
+        out.unlink(missing_ok=True)  # never read an earlier run's scores
+        in_pod(run, "gate", ["evaluate", "--model", model, "--data", run.rel(run.path("splits_dir") / "test.jsonl"),
+                             "--json", run.rel(out)])
+        return primary_metrics(run.params, json.loads(out.read_text()))
+
+    return rescore
 
 
 def validate() -> str:
@@ -171,8 +197,11 @@ def quantize_and_benchmark() -> str:
     cli = ["quantize", "--model", run.rel(adapter), "--out-dir", run.rel(quantized), "--merged-dir", run.rel(merged)]
     stage(run, "quantize", lambda: quantize(adapter, quantized, merged, p.quantize.variants, p.quantize.merged_dtype,
                                             allow_pickle_weights=p.allow_pickle_weights), cli, gpu=True)
+    # In the GPU pod with executor=kubernetes; its GGUF rows run there too, on the pod's CPUs (llama.cpp's CPU build).
+    bench = ["benchmark", "--adapter", run.rel(adapter), "--quantized", run.rel(quantized),
+             "--data-dir", run.rel(run.path("splits_dir")), "--json", run.rel(out)]
     stage(run, "benchmark", lambda: benchmark(p, adapter, str(quantized), str(run.path("splits_dir")), str(out),
-                                              p.benchmark.include_base))
+                                              p.benchmark.include_base), bench, gpu=True)
     return str(out)
 
 
@@ -182,10 +211,13 @@ def evaluate() -> str:
 
     run = current()
     p, reports = run.params, run.path("reports_dir")
+    adapter, test = run.project / p.train.output_dir, run.path("splits_dir") / "test.jsonl"
+    cli = ["evaluate", "--model", run.rel(adapter), "--data", run.rel(test), "--json", run.rel(reports / "metrics.json"),
+           "--plot", run.rel(reports / "plots" / "confusion_matrix.png"), "--predictions", run.rel(reports / "predictions.csv")]
     stage(run, "evaluate", lambda: evaluate_stage(
-        str(run.project / p.train.output_dir), run.path("splits_dir") / "test.jsonl", labels=p.data.labels, task=p.data.task,
+        str(adapter), test, labels=p.data.labels, task=p.data.task,
         template=p.template, predictions_csv=reports / "predictions.csv", progress=True,  # line mode here
-        metrics_json=reports / "metrics.json", confusion_png=reports / "plots" / "confusion_matrix.png"))
+        metrics_json=reports / "metrics.json", confusion_png=reports / "plots" / "confusion_matrix.png"), cli, gpu=True)
     return str(reports / "metrics.json")
 
 
@@ -197,15 +229,15 @@ def gate() -> bool:
     run = current()
     if not run.profile.register:
         log.info(f"profile {run.profile.name}: the model was not really trained, so it is neither scored against the gate "
-              "nor registered")
+                 "nor registered")
         return False
     reports = run.path("reports_dir")
     with in_project(run):
         g = gate_decision(run.params, reports / "metrics.json", run.path("splits_dir"),
-                          run.project / run.params.train.output_dir, reports / "gate.json")
+                          run.project / run.params.train.output_dir, reports / "gate.json", rescore=pod_rescore(run))
     if g.already:
         log.info(f"this candidate is already registered as {g.already}; its gate decision stands ({'passed' if g.passed else 'refused'}), "
-              "nothing re-scored")
+                 "nothing re-scored")
     for reason in g.reasons:
         log.warning(f"refused: {reason}")
     return g.passed
