@@ -144,7 +144,7 @@ def main() -> None:
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-           "FTLIB_PROJECT_DIR": str(proj), "FTLIB_LANDING_DIR": str(proj / "data" / "landing"), "FTLIB_LANDING_POLL_S": "20",
+           "FTLIB_PROJECT_DIR": str(proj), "FTLIB_LANDING_DIR": str(proj / "data" / "landing"), "FTLIB_LANDING_QUIET_S": "5",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PATH": bindir + os.pathsep + os.environ["PATH"]}
     log = (tmp / "standalone.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -170,7 +170,8 @@ def main() -> None:
                      in ("success", "failed") and s, 900, 5)
         result |= {"rest_run_id": run_id, "rest_run_state": state, "rest_run_s": round(time.time() - t0, 1)}
 
-        # 2. data lands -> data_landing moves it and emits the asset event -> an asset-triggered run
+        # 2. data lands -> the landing watcher (triggerer) claims the settled burst -> one data_landing run moves
+        #    it and emits the ftlib_raw_data event -> an asset-triggered run
         landing = proj / "data" / "landing"
         landing.mkdir(parents=True, exist_ok=True)
         rows = [json.loads(line) for line in (ROOT / "data" / "raw" / "sentiment.jsonl").read_text().splitlines()[:3]]
@@ -188,7 +189,11 @@ def main() -> None:
         arun = wait("an asset-triggered run", asset_run, 900, 5)
         result |= {"asset_run_id": arun["dag_run_id"], "asset_run_state": arun["state"], "asset_run_s": round(time.time() - t1, 1),
                    "landed_files_in_raw": sorted(p.name for p in (proj / "data" / "raw").glob("landed-*.jsonl")),
-                   "landing_left": sorted(p.name for p in landing.iterdir())}
+                   "landing_left": sorted(p.relative_to(landing).as_posix() for p in landing.rglob("*.jsonl")),
+                   "data_landing_runs": [r["run_type"] for r in
+                                         api(base, token, "GET", "/api/v2/dags/data_landing/dagRuns")["dag_runs"]],
+                   "finetune_runs": sorted(r["run_type"] for r in
+                                           api(base, token, "GET", "/api/v2/dags/finetune_llama3/dagRuns")["dag_runs"])}
         result["screenshot"] = screenshot(base, args.screenshot)
     finally:
         stop(proc)
