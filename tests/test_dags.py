@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,32 @@ def test_dags_parse_and_the_landing_asset_is_watched(tmp_path):
         "name": "ftlib_landing_settled", "classpath": "ftlib.airflow.landing.LandingTrigger",
         "kwargs": {"directory": landing, "quiet_s": 12.0, "poll_s": 2.4, "refire_s": 600.0}}]}]
     assert out["outlets"] == out["finetune_assets"] == ["ftlib_raw_data"] and out["max_active_runs"] == 1
+
+
+def test_unpausing_finetune_schedules_no_run_for_a_past_cron_point(tmp_path):
+    """What the scheduler computes for finetune_llama3 with no scheduled run yet (first unpause) when
+    "now" is just after a cron point: the next cron point, not the one that just passed. The cron is
+    a daily one that fired 2-3 minutes ago; the old schedule (a start_date, run_immediately left
+    False) gives the past point, the run that unpausing used to start ahead of the user's."""
+    now = datetime.now(timezone.utc)
+    point = (now - timedelta(minutes=2)).replace(second=0, microsecond=0)
+    env = {**airflow_env(tmp_path / "af"), "FTLIB_RETRAIN_CRON": f"{point.minute} {point.hour} * * *"}
+    out = dag_script(env, f"""
+        import pendulum
+        from airflow.timetables.base import TimeRestriction
+        from airflow.timetables.trigger import CronTriggerTimetable
+        dag = stored("finetune_llama3")
+        # the DAG processor's call (DagModel.calculate_dagrun_date_fields) for a DAG with no scheduled run
+        out["next"] = dag.next_dagrun_info(last_automated_run_info=None).run_after.isoformat()
+        out["timetable"] = dag.timetable.next_dagrun_info(last_automated_data_interval=None,
+                                                          restriction=dag._time_restriction).run_after.isoformat()
+        old = CronTriggerTimetable({env["FTLIB_RETRAIN_CRON"]!r}, timezone="UTC")
+        out["old"] = old.next_dagrun_info(last_automated_data_interval=None, restriction=TimeRestriction(
+            pendulum.datetime(2026, 1, 1, tz="UTC"), None, False)).run_after.isoformat()
+    """)
+    assert out["errors"] == {}
+    assert datetime.fromisoformat(out["next"]) == datetime.fromisoformat(out["timetable"]) == point + timedelta(days=1)
+    assert datetime.fromisoformat(out["old"]) == point < now
 
 
 @pytest.mark.slow
