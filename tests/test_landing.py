@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from airflow._shared.module_loading import import_string  # the triggerer's own loader
 
 from ftlib.airflow.landing import SETTLED, LandingTrigger, collect_settled
@@ -173,3 +174,72 @@ def test_collect_settled_moves_claims_only_and_never_overwrites(tmp_path):
     assert len(moved) == 2 and sorted(p.read_text() for p in moved) == ["c1\n", "c2\n"]  # same name: both kept
     assert [p.name for p in (landing / SETTLED).iterdir()] == [".tmp-c3"]  # not published yet: not moved
     assert jsonl(landing) == ["unclaimed.jsonl"]  # the watcher has not claimed it: it stays
+
+
+PROBE = '''
+import os
+from pathlib import Path
+from airflow.sdk import dag, task
+from ftlib.airflow.orchestrate import raw_data_asset
+
+PROJECT = os.environ["FTLIB_PROJECT_DIR"]
+
+
+@dag(dag_id="probe", schedule=[raw_data_asset(PROJECT)], max_active_runs=1)
+def probe():
+    @task
+    def seen() -> list[str]:
+        return sorted(p.name for p in Path(PROJECT, "data", "raw").glob("*.jsonl"))
+
+    seen()
+
+
+probe()
+'''
+
+
+@pytest.mark.slow
+def test_real_triggerer_one_data_landing_run_per_burst(tmp_path):
+    """`airflow standalone` (scheduler, dag-processor, triggerer, api-server) on SQLite with the real
+    data_landing DAG and a probe DAG scheduled on ftlib_raw_data: no data_landing run while nothing
+    lands; a burst of 3 files written over 2 s gives one watcher event, one data_landing run and one
+    probe run, which sees all 3 files."""
+    import json
+    import re
+    import shutil
+
+    from scripts.airflow_e2e import api, free_port, standalone, standalone_env, wait
+    from tests.conftest import REPO
+
+    dags, proj = tmp_path / "dags", tmp_path / "project"
+    dags.mkdir()
+    shutil.copy(REPO / "dags" / "data_landing.py", dags / "data_landing.py")
+    (dags / "probe.py").write_text(PROBE)
+    landing = proj / "data" / "landing"
+    landing.mkdir(parents=True)
+    env = standalone_env(tmp_path / "airflow", dags, free_port(), AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL="5",
+                         FTLIB_PROJECT_DIR=str(proj), FTLIB_LANDING_DIR=str(landing), FTLIB_LANDING_QUIET_S="3",
+                         PYTHONPATH=str(REPO))
+    log = tmp_path / "standalone.log"
+    with standalone(env, log, dags=2, unpause=("data_landing", "probe")) as (base, token):
+        def runs(dag_id: str) -> list[dict]:
+            return api(base, token, "GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+
+        # the watcher starts once the DAG processor has seen data_landing unpaused
+        wait("the landing watcher", lambda: re.search(r"triggerer .* trigger ID \d+ starting", log.read_text()), 120, 2)
+        time.sleep(10)
+        idle = runs("data_landing")
+        for i in range(3):  # a burst written over 2 s
+            (landing / f"batch{i}.jsonl").write_text(json.dumps({"instruction": "x", "input": str(i), "output": "POSITIVO"}) + "\n")
+            time.sleep(1)
+        done = wait("the probe run", lambda: [r for r in runs("probe") if r["state"] in ("success", "failed")], 300, 2)
+        time.sleep(15)  # time for any extra event or run to show
+        landing_runs, probe_runs = runs("data_landing"), runs("probe")
+        seen = api(base, token, "GET",
+                   f"/api/v2/dags/probe/dagRuns/{done[0]['dag_run_id']}/taskInstances/seen/xcomEntries/return_value")
+    assert idle == []  # no DAG run while nothing landed
+    assert [(r["run_type"], r["state"]) for r in landing_runs] == [("asset_triggered", "success")]
+    assert [(r["run_type"], r["state"]) for r in probe_runs] == [("asset_triggered", "success")]
+    assert seen["value"] == ["batch0.jsonl", "batch1.jsonl", "batch2.jsonl"]
+    assert sorted(p.name for p in (proj / "data" / "raw").iterdir()) == seen["value"]
+    assert not list(landing.rglob("*.jsonl"))
