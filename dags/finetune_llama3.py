@@ -1,8 +1,15 @@
 """Retraining: validate -> split -> train -> quantize_and_benchmark -> evaluate -> gate -> register -> summary.
 
-Runs when new data lands (the `ftlib_raw_data` asset, updated by the `data_landing` DAG)
-and on a cron schedule (FTLIB_RETRAIN_CRON, weekly by default); trigger it by hand from
-the UI with the form's params. Thin on purpose: each task is one call into
+Runs when new data lands (the `ftlib_raw_data` asset, updated by the `data_landing` DAG:
+one run per settled burst of files) and on a cron schedule (FTLIB_RETRAIN_CRON, Mondays
+03:00 UTC by default); trigger it by hand from the UI with the form's params. Until it
+has had a scheduled run, unpausing it starts none for a cron point already past (no
+start_date, run_immediately=0: the first scheduled run is the next cron point), so
+"Unpause on trigger" starts the user's run, not a cron run ahead of it. After that, a
+pause spanning a cron point still gets one run for the latest missed point on unpause
+(Airflow 3.3's catchup=False).
+
+Thin on purpose: each task is one call into
 ftlib.airflow.tasks, which reads the form from the task context and calls the same stage
 functions the CLI and dvc.yaml use, in process; tasks pass paths (never data) on.
 Nothing heavy is imported at parse time -- torch, transformers, great_expectations and
@@ -26,7 +33,6 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from ftlib.airflow.orchestrate import TUNABLES, current_values, raw_data_asset
@@ -42,8 +48,11 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
 @dag(
     dag_id="finetune_llama3",
     description="Validate new data with GX, split, fine-tune, quantize + benchmark, evaluate, gate, register.",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC"), assets=[RAW_DATA]),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    # No start_date: with one, Airflow schedules the latest past cron point as soon as the DAG is
+    # unpaused (run_immediately only applies without one, and False still means "within 10% of
+    # the interval"); timedelta(0) makes the first scheduled run the next cron point.
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC", run_immediately=timedelta(0)),
+                                 assets=[RAW_DATA]),
     catchup=False,
     max_active_runs=1,  # runs never overlap: a burst of landings queues, and the last run sees every file
     render_template_as_native_obj=True,  # list params reach the tasks as lists

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,36 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, 9)
 
 
+def standalone_env(home: Path, dags: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of `airflow standalone` on SQLite in `home`, with the DAGs in `dags`, the api-server on
+    `port`, the DAG folder re-read every 5 s, anyone an admin; `extra` on top."""
+    return {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], **extra}
+
+
+@contextmanager
+def standalone(env: dict[str, str], log: Path, dags: int, unpause: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+    """Run `airflow standalone` with `env` (standalone_env), its output in `log`; once the api-server answers
+    and `dags` DAGs are parsed, unpause `unpause` and yield (base URL, API token). Stops it all on exit."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://localhost:{env['AIRFLOW__API__PORT']}"
+    try:
+        wait("the api-server", lambda: urllib.request.urlopen(base + "/api/v2/version", timeout=5).status == 200, 300)
+        token = json.loads(urllib.request.urlopen(base + "/auth/token", timeout=10).read())["access_token"]
+        wait("the DAGs to be parsed", lambda: api(base, token, "GET", "/api/v2/dags?dag_id_pattern=%")["total_entries"] >= dags,
+             300)
+        for dag_id in unpause:
+            api(base, token, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        yield base, token
+    finally:
+        stop(proc)
+
+
 def screenshot(base: str, out: Path) -> str:
     try:
         from selenium import webdriver
@@ -137,61 +169,53 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ftlib-e2e-"))
     proj = make_project(tmp)
-    port = free_port()
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__API__PORT": str(port),
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
-           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-           "FTLIB_PROJECT_DIR": str(proj), "FTLIB_LANDING_DIR": str(proj / "data" / "landing"), "FTLIB_LANDING_POLL_S": "20",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PATH": bindir + os.pathsep + os.environ["PATH"]}
-    log = (tmp / "standalone.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://localhost:{port}"
+    env = standalone_env(tmp / "airflow", ROOT / "dags", free_port(), AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+                         AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL="5", FTLIB_PROJECT_DIR=str(proj),
+                         FTLIB_LANDING_DIR=str(proj / "data" / "landing"), FTLIB_LANDING_QUIET_S="5",
+                         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
     result: dict = {"airflow_home": str(tmp / "airflow")}
     t0 = time.time()
+    unpause = () if args.screenshot_only else ("finetune_llama3", "data_landing")
     try:
-        wait("the api-server", lambda: urllib.request.urlopen(base + "/api/v2/version", timeout=5).status == 200, 300)
-        token = json.loads(urllib.request.urlopen(base + "/auth/token", timeout=10).read())["access_token"]
-        wait("the DAGs to be parsed", lambda: api(base, token, "GET", "/api/v2/dags?dag_id_pattern=%")["total_entries"] >= 3, 300)
-        if args.screenshot_only:
+        with standalone(env, tmp / "standalone.log", dags=3, unpause=unpause) as (base, token):
+            if args.screenshot_only:
+                result["screenshot"] = screenshot(base, args.screenshot)
+                return
+
+            # 1. the REST API v2 with a conf
+            run = api(base, token, "POST", "/api/v2/dags/finetune_llama3/dagRuns",
+                      {"logical_date": None, "conf": {"lora_r": 8, "learning_rate": 0.005, "max_steps": 2}})
+            run_id = run["dag_run_id"]
+            state = wait("the triggered run", lambda: (s := api(base, token, "GET", f"/api/v2/dags/finetune_llama3/dagRuns/{run_id}")["state"])
+                         in ("success", "failed") and s, 900, 5)
+            result |= {"rest_run_id": run_id, "rest_run_state": state, "rest_run_s": round(time.time() - t0, 1)}
+
+            # 2. data lands -> the landing watcher (triggerer) claims the settled burst -> one data_landing run moves
+            #    it and emits the ftlib_raw_data event -> an asset-triggered run
+            landing = proj / "data" / "landing"
+            landing.mkdir(parents=True, exist_ok=True)
+            rows = [json.loads(line) for line in (ROOT / "data" / "raw" / "sentiment.jsonl").read_text().splitlines()[:3]]
+            for i, row in enumerate(rows):
+                row["input"] = f"{row['input']} (landed batch {i})"
+                (landing / f"landed-{i}.jsonl").write_text(json.dumps(row) + "\n")
+                os.utime(landing / f"landed-{i}.jsonl", (time.time() - 10, time.time() - 10))
+            t1 = time.time()
+
+            def asset_run():
+                runs = api(base, token, "GET", "/api/v2/dags/finetune_llama3/dagRuns?order_by=-start_date")["dag_runs"]
+                done = [r for r in runs if r["run_type"] == "asset_triggered" and r["state"] in ("success", "failed")]
+                return done[0] if done else None
+
+            arun = wait("an asset-triggered run", asset_run, 900, 5)
+            result |= {"asset_run_id": arun["dag_run_id"], "asset_run_state": arun["state"], "asset_run_s": round(time.time() - t1, 1),
+                       "landed_files_in_raw": sorted(p.name for p in (proj / "data" / "raw").glob("landed-*.jsonl")),
+                       "landing_left": sorted(p.relative_to(landing).as_posix() for p in landing.rglob("*.jsonl")),
+                       "data_landing_runs": [r["run_type"] for r in
+                                             api(base, token, "GET", "/api/v2/dags/data_landing/dagRuns")["dag_runs"]],
+                       "finetune_runs": sorted(r["run_type"] for r in
+                                               api(base, token, "GET", "/api/v2/dags/finetune_llama3/dagRuns")["dag_runs"])}
             result["screenshot"] = screenshot(base, args.screenshot)
-            return
-        for dag_id in ("finetune_llama3", "data_landing"):
-            api(base, token, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-
-        # 1. the REST API v2 with a conf
-        run = api(base, token, "POST", "/api/v2/dags/finetune_llama3/dagRuns",
-                  {"logical_date": None, "conf": {"lora_r": 8, "learning_rate": 0.005, "max_steps": 2}})
-        run_id = run["dag_run_id"]
-        state = wait("the triggered run", lambda: (s := api(base, token, "GET", f"/api/v2/dags/finetune_llama3/dagRuns/{run_id}")["state"])
-                     in ("success", "failed") and s, 900, 5)
-        result |= {"rest_run_id": run_id, "rest_run_state": state, "rest_run_s": round(time.time() - t0, 1)}
-
-        # 2. data lands -> data_landing moves it and emits the asset event -> an asset-triggered run
-        landing = proj / "data" / "landing"
-        landing.mkdir(parents=True, exist_ok=True)
-        rows = [json.loads(line) for line in (ROOT / "data" / "raw" / "sentiment.jsonl").read_text().splitlines()[:3]]
-        for i, row in enumerate(rows):
-            row["input"] = f"{row['input']} (landed batch {i})"
-            (landing / f"landed-{i}.jsonl").write_text(json.dumps(row) + "\n")
-            os.utime(landing / f"landed-{i}.jsonl", (time.time() - 10, time.time() - 10))
-        t1 = time.time()
-
-        def asset_run():
-            runs = api(base, token, "GET", "/api/v2/dags/finetune_llama3/dagRuns?order_by=-start_date")["dag_runs"]
-            done = [r for r in runs if r["run_type"] == "asset_triggered" and r["state"] in ("success", "failed")]
-            return done[0] if done else None
-
-        arun = wait("an asset-triggered run", asset_run, 900, 5)
-        result |= {"asset_run_id": arun["dag_run_id"], "asset_run_state": arun["state"], "asset_run_s": round(time.time() - t1, 1),
-                   "landed_files_in_raw": sorted(p.name for p in (proj / "data" / "raw").glob("landed-*.jsonl")),
-                   "landing_left": sorted(p.name for p in landing.iterdir())}
-        result["screenshot"] = screenshot(base, args.screenshot)
     finally:
-        stop(proc)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         print(json.dumps(result))

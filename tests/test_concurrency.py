@@ -5,16 +5,12 @@ file) and two runs triggered at the same moment. The DAGs are tests/dags_concurr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from scripts.airflow_e2e import api, free_port, stop, wait
+from scripts.airflow_e2e import api, free_port, standalone, standalone_env, wait
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -34,24 +30,9 @@ def intervals(log: Path) -> list[tuple[float, float, str, int]]:
 def test_asset_burst_and_simultaneous_triggers_never_overlap(tmp_path):
     proj = tmp_path / "project"
     (proj / "data" / "raw").mkdir(parents=True)
-    port = free_port()
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "tests" / "dags_concurrency"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-           "AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
-           "AIRFLOW__CORE__PARALLELISM": "4", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-           "FTLIB_PROJECT_DIR": str(proj), "BURST_FILES": "50", "PYTHONPATH": str(REPO),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = (tmp_path / "standalone.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://localhost:{port}"
-    try:
-        wait("the api-server", lambda: urllib.request.urlopen(base + "/api/v2/version", timeout=5).status == 200, 300)
-        token = json.loads(urllib.request.urlopen(base + "/auth/token", timeout=10).read())["access_token"]
-        wait("the DAGs", lambda: api(base, token, "GET", "/api/v2/dags?dag_id_pattern=%")["total_entries"] >= 2, 300)
-        for dag_id in ("land_burst", "probe"):
-            api(base, token, "PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-
+    env = standalone_env(tmp_path / "airflow", REPO / "tests" / "dags_concurrency", free_port(), AIRFLOW__CORE__PARALLELISM="4",
+                         FTLIB_PROJECT_DIR=str(proj), BURST_FILES="50", PYTHONPATH=str(REPO))
+    with standalone(env, tmp_path / "standalone.log", dags=2, unpause=("land_burst", "probe")) as (base, token):
         # 1. the burst: 50 mapped producers, each lands a file and emits one asset event
         burst = api(base, token, "POST", "/api/v2/dags/land_burst/dagRuns", {"logical_date": None})["dag_run_id"]
         state = wait("the burst", lambda: (s := api(base, token, "GET", f"/api/v2/dags/land_burst/dagRuns/{burst}")["state"])
@@ -75,8 +56,6 @@ def test_asset_burst_and_simultaneous_triggers_never_overlap(tmp_path):
         wait("the two triggered runs", lambda: all(
             api(base, token, "GET", f"/api/v2/dags/probe/dagRuns/{i}")["state"] in ("success", "failed") for i in ids), 300, 3)
         assert [api(base, token, "GET", f"/api/v2/dags/probe/dagRuns/{i}")["state"] for i in ids] == ["success", "success"]
-    finally:
-        stop(proc)
 
     spans = intervals(proj / "runs.log")
     print(f"50 asset events -> {len(asset_runs)} asset-triggered runs, + 2 triggered together; all serialized")

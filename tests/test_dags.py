@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,70 @@ def test_dag_file_imports_nothing_heavy_at_parse_time(tmp_path, dag_file):
     r = subprocess.run([sys.executable, "-c", code], env=airflow_env(tmp_path / "af"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def dag_script(env: dict[str, str], body: str) -> dict:
+    """Run `body` (Python; `bag` is the DagBag of dags/, `stored(dag_id)` the DAG as the DAG processor
+    stores it, i.e. serialized and read back) in a fresh process; the dict it prints as its RESULT line."""
+    code = textwrap.dedent(f"""
+        import json
+        from airflow.dag_processing.dagbag import DagBag
+        from airflow.serialization.serialized_objects import DagSerialization
+        bag = DagBag(dag_folder={str(DAGS)!r})
+        def stored(dag_id):
+            return DagSerialization.from_dict(DagSerialization.to_dict(bag.dags[dag_id]))
+        out = {{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dags)}}
+    """) + textwrap.dedent(body) + '\nprint("RESULT " + json.dumps(out))\n'
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(line[0][7:])
+
+
+def test_dags_parse_and_the_landing_asset_is_watched(tmp_path):
+    """data_landing is scheduled on the landing folder's asset, whose watcher is the landing trigger on
+    FTLIB_LANDING_DIR; it emits ftlib_raw_data, which schedules finetune_llama3."""
+    env = {**airflow_env(tmp_path / "af"), "FTLIB_LANDING_DIR": str(tmp_path / "landing"), "FTLIB_LANDING_QUIET_S": "12"}
+    out = dag_script(env, """
+        land, finetune = stored("data_landing"), stored("finetune_llama3")
+        out["landing"] = [{"name": a.name, "uri": a.uri, "watchers": [{"name": w.name, **w.trigger} for w in a.watchers]}
+                          for _, a in land.timetable.asset_condition.iter_assets()]
+        out["outlets"] = [a.name for a in land.get_task("collect").outlets]
+        out["finetune_assets"] = [k.name for k, _ in finetune.timetable.asset_condition.iter_assets()]
+        out["max_active_runs"] = land.max_active_runs
+    """)
+    assert out["errors"] == {} and out["dags"] == ["data_landing", "finetune_llama3", "promote_model"]
+    landing = str(tmp_path / "landing")
+    assert out["landing"] == [{"name": "ftlib_landing", "uri": f"file://{landing}", "watchers": [{
+        "name": "ftlib_landing_settled", "classpath": "ftlib.airflow.landing.LandingTrigger",
+        "kwargs": {"directory": landing, "quiet_s": 12.0, "poll_s": 2.4, "refire_s": 600.0}}]}]
+    assert out["outlets"] == out["finetune_assets"] == ["ftlib_raw_data"] and out["max_active_runs"] == 1
+
+
+def test_unpausing_finetune_schedules_no_run_for_a_past_cron_point(tmp_path):
+    """What the scheduler computes for finetune_llama3 with no scheduled run yet (first unpause) when
+    "now" is just after a cron point: the next cron point, not the one that just passed. The cron is
+    a daily one that fired 2-3 minutes ago; the old schedule (a start_date, run_immediately left
+    False) gives the past point, the run that unpausing used to start ahead of the user's."""
+    now = datetime.now(timezone.utc)
+    point = (now - timedelta(minutes=2)).replace(second=0, microsecond=0)
+    env = {**airflow_env(tmp_path / "af"), "FTLIB_RETRAIN_CRON": f"{point.minute} {point.hour} * * *"}
+    out = dag_script(env, f"""
+        import pendulum
+        from airflow.timetables.base import TimeRestriction
+        from airflow.timetables.trigger import CronTriggerTimetable
+        dag = stored("finetune_llama3")
+        # the DAG processor's call (DagModel.calculate_dagrun_date_fields) for a DAG with no scheduled run
+        out["next"] = dag.next_dagrun_info(last_automated_run_info=None).run_after.isoformat()
+        out["timetable"] = dag.timetable.next_dagrun_info(last_automated_data_interval=None,
+                                                          restriction=dag._time_restriction).run_after.isoformat()
+        old = CronTriggerTimetable({env["FTLIB_RETRAIN_CRON"]!r}, timezone="UTC")
+        out["old"] = old.next_dagrun_info(last_automated_data_interval=None, restriction=TimeRestriction(
+            pendulum.datetime(2026, 1, 1, tz="UTC"), None, False)).run_after.isoformat()
+    """)
+    assert out["errors"] == {}
+    assert datetime.fromisoformat(out["next"]) == datetime.fromisoformat(out["timetable"]) == point + timedelta(days=1)
+    assert datetime.fromisoformat(out["old"]) == point < now
 
 
 @pytest.mark.slow
@@ -82,26 +147,6 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
         out["promote_refused"] = str(promote.test(run_conf=conf(version=1)).state)
         out["promote_forced"] = str(promote.test(run_conf=conf(version=1, force=True, reason="accepting the risk")).state)
 
-        # data landing: three files land at once -> one run moves them all and emits one asset event
-        import os, time
-        from airflow.models.asset import AssetEvent
-        from airflow.utils.session import create_session
-        landing, raw = tmp + "/landing", tmp + "/landed_raw"
-        os.makedirs(landing)
-        for i in range(3):
-            p = f"{{landing}}/batch{{i}}.jsonl"
-            open(p, "w").write("{{}}\\n")
-            os.utime(p, (time.time() - 60, time.time() - 60))
-        land = bag.dags["data_landing"]
-        with create_session() as s:
-            before = s.query(AssetEvent).count()
-        tis = {{}}
-        for attempt in ("burst", "empty"):
-            run = land.test(run_conf={{"landing_dir": landing, "raw_dir": raw}})
-            tis[attempt] = {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}
-        with create_session() as s:
-            events = [e.asset.name for e in s.query(AssetEvent).all()][before:]
-        out["landing"] = {{"tis": tis, "events": events, "raw": sorted(os.listdir(raw)), "left": os.listdir(landing)}}
         print("RESULT " + json.dumps(out))
     """)
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -137,10 +182,6 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert out["promote"] == "success" and out["champion"] == "1" and out["promoted_by"].startswith("airflow:")
     assert out["rollback"] == "failed"  # no previous champion: a clear refusal, not a silent no-op
     assert out["promote_refused"] == "failed" and out["promote_forced"] == "success"
-    landing = out["landing"]
-    assert landing["tis"] == {"burst": {"collect": "success"}, "empty": {"collect": "skipped"}}
-    assert landing["events"] == ["ftlib_raw_data"]  # one event for the burst, none for the empty poll
-    assert landing["raw"] == ["batch0.jsonl", "batch1.jsonl", "batch2.jsonl"] and landing["left"] == []
     assert out["bad"]["state"] == "failed"
     assert out["bad"]["tis"] == {"validate": "failed", **dict.fromkeys(tasks[1:], "upstream_failed")}
     assert not (tmp_path / "out_bad" / "splits").exists()
@@ -150,6 +191,51 @@ def test_dagbag_and_dag_test_on_sqlite(tmp_path, tiny_model):
     assert not (tmp_path / "out_passwd").exists()
     assert not [f for f in tmp_path.rglob("*") if f.is_file() and b"root:x:0:0" in f.read_bytes()]
     assert out["widen"]["validate"] == "failed" and "not allowed from the DAG form" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_landing_dag_on_sqlite(tmp_path):
+    """A burst of three files: the watcher's trigger (rebuilt from the stored DAG, as the triggerer does)
+    claims it with one event; data_landing then moves all three into data/raw and emits one
+    ftlib_raw_data event. A second run has nothing claimed: skipped, no event."""
+    proj, landing = tmp_path / "proj", tmp_path / "landing"
+    env = {**airflow_env(tmp_path / "af"), "FTLIB_PROJECT_DIR": str(proj), "FTLIB_LANDING_DIR": str(landing),
+           "FTLIB_LANDING_QUIET_S": "0.5"}
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    landing.mkdir()
+    for i in range(3):
+        (landing / f"batch{i}.jsonl").write_text("{}\n")
+    out = dag_script(env, """
+        import asyncio
+        from airflow._shared.module_loading import import_string
+        from airflow.models.asset import AssetEvent
+        from airflow.serialization.decoders import smart_decode_trigger_kwargs
+        from airflow.utils.session import create_session
+        (_, asset), = stored("data_landing").timetable.asset_condition.iter_assets()
+        stored_trigger = asset.watchers[0].trigger
+        trigger = import_string(stored_trigger["classpath"])(
+            **{k: smart_decode_trigger_kwargs(v) for k, v in stored_trigger["kwargs"].items()})
+
+        async def first_event():
+            async for event in trigger.run():
+                return event.payload
+
+        out["event"] = asyncio.run(first_event())
+        with create_session() as s:
+            before = s.query(AssetEvent).count()
+        out["tis"] = {}
+        for attempt in ("burst", "nothing claimed"):
+            run = bag.dags["data_landing"].test()
+            out["tis"][attempt] = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+        with create_session() as s:
+            out["events"] = [e.asset.name for e in s.query(AssetEvent).all()][before:]
+    """)
+    assert out["errors"] == {}
+    assert out["event"]["files"] == ["batch0.jsonl", "batch1.jsonl", "batch2.jsonl"]
+    assert out["tis"] == {"burst": {"collect": "success"}, "nothing claimed": {"collect": "skipped"}}
+    assert out["events"] == ["ftlib_raw_data"]  # one event for the burst, none for the empty run
+    assert sorted(p.name for p in (proj / "data" / "raw").iterdir()) == ["batch0.jsonl", "batch1.jsonl", "batch2.jsonl"]
+    assert sorted(p.name for p in landing.rglob("*")) == [".settled"]  # nothing left behind
 
 
 def dag_params(path: Path, base_model: str, adapter: Path, accuracy_threshold: float) -> None:

@@ -112,11 +112,12 @@ def raw_data_asset(project_dir: str | Path) -> Any:
 
 
 def collect_landed(landing: Path, raw: Path, settle_s: float = 2.0) -> list[Path]:
-    """Move every finished *.jsonl from the landing folder into data/raw; the moved paths.
+    """Move every finished *.jsonl from a folder into data/raw; the moved paths.
 
-    A file still being written (modified in the last `settle_s` seconds) waits for the
-    next poll. os.replace within one filesystem is atomic: a file is either in landing
-    or in raw, never lost or half-copied. Name clashes get a timestamp prefix, never
+    A file modified in the last `settle_s` seconds (it may still be written) stays where
+    it is (data_landing passes 0: the landing watcher already waited for its burst to
+    settle). os.replace within one filesystem is atomic: a file is either in landing or
+    in raw, never lost or half-copied. Name clashes get a timestamp prefix, never
     overwrite earlier data.
     """
     landing, raw = Path(landing), Path(raw)
