@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.airflow_e2e import api, free_port, stop, wait  # noqa: E402
+from scripts.airflow_e2e import api, free_port, standalone, standalone_env, wait  # noqa: E402
 
 BUDGET_S = 300.0
 
@@ -47,41 +44,30 @@ def main() -> None:
     proj.mkdir()
     shutil.copy(ROOT / "params.yaml", proj / "params.yaml")
     shutil.copytree(ROOT / "data" / "raw", proj / "data" / "raw")
-    port = free_port()
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__API__PORT": str(port),
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
-           "FTLIB_PROJECT_DIR": str(proj), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
-    log = (tmp / "standalone.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base, dag = f"http://localhost:{port}", "/api/v2/dags/finetune_llama3"
+    env = standalone_env(tmp / "airflow", ROOT / "dags", free_port(), AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+                         FTLIB_PROJECT_DIR=str(proj), FTLIB_LANDING_DIR=str(proj / "data" / "landing"),
+                         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+    dag = "/api/v2/dags/finetune_llama3"
     result: dict = {"budget_s": BUDGET_S}
     try:
-        wait("the api-server", lambda: urllib.request.urlopen(base + "/api/v2/version", timeout=5).status == 200, 300)
-        token = json.loads(urllib.request.urlopen(base + "/auth/token", timeout=10).read())["access_token"]
-        wait("the DAG to be parsed", lambda: api(base, token, "GET", "/api/v2/dags?dag_id_pattern=finetune%")["total_entries"], 300)
-        api(base, token, "PATCH", dag, {"is_paused": False})
-        t0 = time.time()
-        run_id = api(base, token, "POST", f"{dag}/dagRuns", {"logical_date": None, "conf": {"profile": "smoke"}})["dag_run_id"]
-        state = wait("the smoke run", lambda: (s := api(base, token, "GET", f"{dag}/dagRuns/{run_id}")["state"])
-                     in ("success", "failed") and s, 1800, 2)
-        result |= {"run_s": round(time.time() - t0, 1), "state": state}
-        tis = api(base, token, "GET", f"{dag}/dagRuns/{run_id}/taskInstances")["task_instances"]
-        result["tasks"] = {ti["task_id"]: {"state": ti["state"], "s": seconds(ti)} for ti in tis}
-        others = [r for r in api(base, token, "GET", f"{dag}/dagRuns")["dag_runs"] if r["dag_run_id"] != run_id]
-        result["other_runs"] = [f"{r['run_type']}:{r['state']}" for r in others]  # a run unpausing queued ahead of ours
+        with standalone(env, tmp / "standalone.log", 3, unpause=("finetune_llama3",)) as (base, token):
+            t0 = time.time()
+            run_id = api(base, token, "POST", f"{dag}/dagRuns", {"logical_date": None, "conf": {"profile": "smoke"}})["dag_run_id"]
+            state = wait("the smoke run", lambda: (s := api(base, token, "GET", f"{dag}/dagRuns/{run_id}")["state"])
+                         in ("success", "failed") and s, 1800, 2)
+            result |= {"run_s": round(time.time() - t0, 1), "state": state}
+            tis = api(base, token, "GET", f"{dag}/dagRuns/{run_id}/taskInstances")["task_instances"]
+            result["tasks"] = {ti["task_id"]: {"state": ti["state"], "s": seconds(ti)} for ti in tis}
+            others = [r for r in api(base, token, "GET", f"{dag}/dagRuns")["dag_runs"] if r["dag_run_id"] != run_id]
+            result["other_runs"] = [f"{r['run_type']}:{r['state']}" for r in others]  # e.g. a cron run unpausing queued
     finally:
-        stop(proc)
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        if args.keep:
             result["tmp"] = str(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'task':<24}{'state':<10}{'seconds':>8}")
     for name, t in result.get("tasks", {}).items():
-        print(f"{name:<24}{str(t['state']):<10}{t['s'] if t['s'] is not None else '-':>8}")
+        print(f"{name:<24}{str(t['state']):<10}{'-' if t['s'] is None else format(t['s'], '.1f'):>8}")
     if "run_s" in result:
         result["ratio"] = round(result["run_s"] / BUDGET_S, 3)
         print(f"UI-triggered smoke run: {result['state']} in {result['run_s']:.0f} s; budget {BUDGET_S:.0f} s; "

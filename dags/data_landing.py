@@ -46,7 +46,7 @@ def data_landing():
     @task(outlets=[raw_data_asset(PROJECT_DIR)])
     def collect() -> list[str]:
         """Move the claimed bursts; skip (no asset event) when nothing is claimed."""
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from ftlib.airflow.landing import collect_settled
 

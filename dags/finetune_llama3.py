@@ -66,7 +66,7 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
     params={
         "profile": Param("full", type="string", enum=list(PROFILES),
                          description="full: the real run. smoke: every stage for real but cut to seconds (8 training steps, "
-                                     "q8_0 only, 16 benchmark rows, no base model), ~4 min on 2 cores; outputs go to "
+                                     "q8_0 only, 16 benchmark rows, no base model), ~3 min on 2 cores; outputs go to "
                                      "runs/smoke/, nothing is gated or registered."),
         **{name: Param(CURRENT.get(name), **schema) for name, (_, schema) in TUNABLES.items()},
         "executor": Param("local", type="string", enum=["local", "kubernetes"],

@@ -39,7 +39,7 @@ PROJECT_DIR = os.environ.get("FTLIB_PROJECT_DIR", str(Path(__file__).resolve().p
 def promote_model():
     @task(retries=0)  # a refused promotion must not be retried into success
     def promote(params: dict | None = None) -> str:
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
         from airflow.sdk import get_current_context
 
         p = params or {}

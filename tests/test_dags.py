@@ -314,6 +314,7 @@ def test_unchanged_rerun_reuses_dvc_cache(tmp_path, tiny_model):
     assert out["smoke"] == {**dict.fromkeys(tasks, "success"), "register": "skipped"}, out["smoke"]
     assert "calling ftlib directly, DVC's cache is not used: profile smoke" in smoke and "dvc repro" not in smoke
     assert "neither scored against the gate nor registered" in smoke
+    assert "\r" not in smoke and "{'loss'" not in smoke and "it/s]" not in smoke  # line mode: no bars, no per-step dicts
     runs = root / "runs" / "smoke"
     assert json.loads((runs / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 8
     assert json.loads((root / "models" / "adapter" / "ftlib_train.json").read_text())["global_step"] == 2

@@ -60,6 +60,8 @@ class Run:
 
 
 def current() -> Run:
+    """The DAG run as this task sees it. Every task calls it first, before importing a stage module: it quiets the
+    libraries' log noise and progress bars (line mode), which some of them set up at import."""
     from airflow.sdk import get_current_context
 
     from ftlib.core.log import line_mode, silence_known_noise
@@ -138,11 +140,11 @@ def pod_rescore(run: Run) -> Callable[[str], dict[str, float]] | None:
 
 def validate() -> str:
     """Great Expectations data contract; invalid data fails the run (not retried)."""
-    from airflow.exceptions import AirflowFailException
+    run = current()
+    from airflow.sdk.exceptions import AirflowFailException
 
     from ftlib.stages.validate import validate_paths
 
-    run = current()
     out = run.path("validated_dir")
     links = f"report: {out / 'report.json'}, Data Docs: {out / 'data_docs' / 'index.html'}, bad rows: {out / 'quarantine.jsonl'}"
     try:
@@ -162,9 +164,9 @@ def validate() -> str:
 
 def split() -> dict[str, str]:
     """Stable hash split into train/validation/test; in DVC mode recorded in dvc.lock and pushed to the remote."""
+    run = current()
     from ftlib.stages.split import SPLITS, split_paths
 
-    run = current()
     out = run.path("splits_dir")
     result = stage(run, "split", lambda: split_paths([run.path("raw_dir")], run.params, out))
     if run.dvc:
@@ -176,9 +178,9 @@ def split() -> dict[str, str]:
 
 def train() -> str:
     """A killed or retried attempt resumes from its last checkpoint; a finished one is reused."""
+    run = current()
     from ftlib.stages.train import train as train_stage
 
-    run = current()
     splits, reports = run.path("splits_dir"), run.path("reports_dir")
     cli = ["train", "--no-compare", "--data-dir", run.rel(splits), "--reports-dir", run.rel(reports)]
     stage(run, "train", lambda: train_stage(run.params, splits, reports), cli, gpu=True)
@@ -187,10 +189,10 @@ def train() -> str:
 
 def quantize_and_benchmark() -> str:
     """Every deployable variant (merged, GGUF + Modelfile, bitsandbytes, torch int8), then one comparison table."""
+    run = current()
     from ftlib.stages.benchmark import benchmark
     from ftlib.stages.quantize import quantize
 
-    run = current()
     p = run.params
     adapter = str(run.project / p.train.output_dir)
     merged, quantized, out = run.path("merged_dir"), run.path("quantized_dir"), run.path("reports_dir") / "benchmark.json"
@@ -207,9 +209,9 @@ def quantize_and_benchmark() -> str:
 
 def evaluate() -> str:
     """Accuracy, precision, recall, F1 and the confusion matrix of the fine-tuned model on the test split."""
+    run = current()
     from ftlib.stages.evaluate import evaluate as evaluate_stage
 
-    run = current()
     p, reports = run.params, run.path("reports_dir")
     adapter, test = run.project / p.train.output_dir, run.path("splits_dir") / "test.jsonl"
     cli = ["evaluate", "--model", run.rel(adapter), "--data", run.rel(test), "--json", run.rel(reports / "metrics.json"),
@@ -224,9 +226,9 @@ def evaluate() -> str:
 def gate() -> bool:
     """The gate (thresholds; beating TF-IDF, the base model and the re-scored champion). False skips register;
     the refusal, with every score, is in this log, in reports/gate.json and in MLflow."""
+    run = current()
     from ftlib.registry.register import gate as gate_decision
 
-    run = current()
     if not run.profile.register:
         log.info(f"profile {run.profile.name}: the model was not really trained, so it is neither scored against the gate "
                  "nor registered")
@@ -245,9 +247,9 @@ def gate() -> bool:
 
 def register() -> dict[str, Any]:
     """Register the candidate as `challenger` (idempotent: a retry finds the version it made)."""
+    run = current()
     from ftlib.registry.register import register as register_version
 
-    run = current()
     reports = run.path("reports_dir")
     with in_project(run):
         r = register_version(run.params, run.project / run.params.train.output_dir, run.path("splits_dir"), reports,
@@ -260,9 +262,9 @@ def register() -> dict[str, Any]:
 
 def summary() -> dict[str, Any]:
     """What this run produced and decided (also reports/summary.md): runs whether or not the gate passed."""
+    run = current()
     from ftlib.registry.summary import readable, summary as summarize
 
-    run = current()
     s = summarize(run.path("reports_dir"), run.path("splits_dir"))
     for k, v in s.items():
         log.info(f"{k.replace('_', ' '):>20}: {readable(v)}")

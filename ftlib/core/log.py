@@ -29,7 +29,9 @@ def line_mode() -> None:
     log progress lines instead (`progress_bar`, the training callback)."""
     if on_terminal():
         return
-    os.environ.update({"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    os.environ.update({"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                       # MLflow otherwise installs its own stderr handler: its INFO lines would show as ERROR in Airflow
+                       "MLFLOW_CONFIGURE_LOGGING": "false"})
     if "datasets" in sys.modules:  # read their env var at import: tell them directly too
         sys.modules["datasets"].disable_progress_bars()
     if "transformers" in sys.modules:
@@ -69,12 +71,14 @@ def get(name: str) -> logging.Logger:
 
 
 def silence_known_noise() -> None:
-    """Two messages every adapter load printed that ask nothing of the user: bitsandbytes' CPU backend failing to
-    fetch an optional kernel from the hub (no hub access here; its own CPU kernel runs instead), and PEFT reading
-    transformers' renamed `is_gradient_checkpointing` (a FutureWarning for PEFT's authors)."""
+    """Messages that ask nothing of the user: bitsandbytes' CPU backend failing to fetch an optional kernel from the
+    hub on every adapter load (no hub access here; its own CPU kernel runs instead), PEFT reading transformers'
+    renamed `is_gradient_checkpointing` (a FutureWarning for PEFT's authors), and the INFO chatter of GX's set-up and of MLflow's database migrations."""
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for chatty in ("great_expectations", "alembic"):  # GX's import and context set-up, MLflow's schema migrations
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
