@@ -2,12 +2,13 @@
 
 Runs when new data lands (the `ftlib_raw_data` asset, updated by the `data_landing` DAG:
 one run per settled burst of files) and on a cron schedule (FTLIB_RETRAIN_CRON, Mondays
-03:00 UTC by default); trigger it by hand from the UI with the form's params. Until it
-has had a scheduled run, unpausing it starts none for a cron point already past (no
-start_date, run_immediately=0: the first scheduled run is the next cron point), so
-"Unpause on trigger" starts the user's run, not a cron run ahead of it. After that, a
-pause spanning a cron point still gets one run for the latest missed point on unpause
-(Airflow 3.3's catchup=False).
+03:00 UTC by default); trigger it by hand from the UI with the form's params. Unpausing
+it starts no run for a cron point already past, neither before its first scheduled run
+nor after a pause that spans cron points: the next run is the next cron
+point from now (ftlib.airflow.schedule.NoBacklogCronTimetable, registered by
+plugins/ftlib_schedule.py; no start_date), so "Unpause on trigger" starts the user's run,
+not a cron run ahead of it. A point less than 5 minutes past still runs; where the plugin
+is not loaded the DAG falls back to the plain cron, which runs the latest missed point.
 
 Thin on purpose: each task is one call into
 ftlib.airflow.tasks, which reads the form from the task context and calls the same stage
@@ -33,9 +34,10 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import AssetOrTimeSchedule, Param, dag, task
 
 from ftlib.airflow.orchestrate import TUNABLES, current_values, raw_data_asset
+from ftlib.airflow.schedule import retrain_timetable
 from ftlib.core.config import PROFILES
 
 # The project checkout the tasks work in (the image's working dir in production).
@@ -49,10 +51,9 @@ RETRAIN_CRON = os.environ.get("FTLIB_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:0
     dag_id="finetune_llama3",
     description="Validate new data with GX, split, fine-tune, quantize + benchmark, evaluate, gate, register.",
     # No start_date: with one, Airflow schedules the latest past cron point as soon as the DAG is
-    # unpaused (run_immediately only applies without one, and False still means "within 10% of
-    # the interval"); timedelta(0) makes the first scheduled run the next cron point.
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC", run_immediately=timedelta(0)),
-                                 assets=[RAW_DATA]),
+    # unpaused. The timetable's next run is never a cron point more than 5 min past, before the
+    # first scheduled run or after a pause (ftlib/airflow/schedule.py).
+    schedule=AssetOrTimeSchedule(timetable=retrain_timetable(RETRAIN_CRON), assets=[RAW_DATA]),
     catchup=False,
     max_active_runs=1,  # runs never overlap: a burst of landings queues, and the last run sees every file
     render_template_as_native_obj=True,  # list params reach the tasks as lists

@@ -74,19 +74,23 @@ def test_dags_parse_and_the_landing_asset_is_watched(tmp_path):
     assert out["outlets"] == out["finetune_assets"] == ["ftlib_raw_data"] and out["max_active_runs"] == 1
 
 
-def test_unpausing_finetune_schedules_no_run_for_a_past_cron_point(tmp_path):
+@pytest.mark.parametrize("plugins", [True, False], ids=["plugin", "no-plugin"])
+def test_unpausing_finetune_schedules_no_run_for_a_past_cron_point(tmp_path, plugins):
     """What the scheduler computes for finetune_llama3 with no scheduled run yet (first unpause) when
     "now" is just after a cron point: the next cron point, not the one that just passed. The cron is
     a daily one that fired 2-3 minutes ago; the old schedule (a start_date, run_immediately left
-    False) gives the past point, the run that unpausing used to start ahead of the user's."""
+    False) gives the past point, the run that unpausing used to start ahead of the user's. Holds with
+    the ftlib_schedule plugin loaded and without it (the plain CronTriggerTimetable fallback)."""
     now = datetime.now(timezone.utc)
     point = (now - timedelta(minutes=2)).replace(second=0, microsecond=0)
-    env = {**airflow_env(tmp_path / "af"), "FTLIB_RETRAIN_CRON": f"{point.minute} {point.hour} * * *"}
+    env = {**airflow_env(tmp_path / "af"), "FTLIB_RETRAIN_CRON": f"{point.minute} {point.hour} * * *",
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins" if plugins else tmp_path / "no_plugins")}
     out = dag_script(env, f"""
         import pendulum
         from airflow.timetables.base import TimeRestriction
         from airflow.timetables.trigger import CronTriggerTimetable
         dag = stored("finetune_llama3")
+        out["type"] = type(dag.timetable.timetable).__name__
         # the DAG processor's call (DagModel.calculate_dagrun_date_fields) for a DAG with no scheduled run
         out["next"] = dag.next_dagrun_info(last_automated_run_info=None).run_after.isoformat()
         out["timetable"] = dag.timetable.next_dagrun_info(last_automated_data_interval=None,
@@ -96,8 +100,65 @@ def test_unpausing_finetune_schedules_no_run_for_a_past_cron_point(tmp_path):
             pendulum.datetime(2026, 1, 1, tz="UTC"), None, False)).run_after.isoformat()
     """)
     assert out["errors"] == {}
+    assert out["type"] == ("NoBacklogCronTimetable" if plugins else "CronTriggerTimetable")
     assert datetime.fromisoformat(out["next"]) == datetime.fromisoformat(out["timetable"]) == point + timedelta(days=1)
     assert datetime.fromisoformat(out["old"]) == point < now
+
+
+def test_unpausing_finetune_after_a_pause_schedules_no_missed_cron_point(tmp_path):
+    """After scheduled runs, a pause that spans cron points: the DAG processor's call (the same
+    DagModel.calculate_dagrun_date_fields, with the last scheduled run) gives the next cron point
+    from now, not the point missed 10 minutes ago (which plain CronTriggerTimetable with
+    catchup=False gives, and the scheduler would run on unpause). Without a pause every cron point
+    still runs, including one the scheduler is a few minutes late for. The DAG as the DAG processor
+    stores it, with the plugins folder set: its timetable and the serialized round trip."""
+    now = datetime.now(timezone.utc)
+    point = (now - timedelta(minutes=10)).replace(second=0, microsecond=0)  # a daily point, past the 5 min grace
+    late = (now - timedelta(minutes=2)).replace(second=0, microsecond=0)    # one within it
+    env = {**airflow_env(tmp_path / "af"), "FTLIB_RETRAIN_CRON": f"{point.minute} {point.hour} * * *",
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
+    out = dag_script(env, f"""
+        from datetime import timedelta
+        import pendulum
+        from airflow.timetables.base import DagRunInfo, TimeRestriction
+        from airflow.timetables.trigger import CronTriggerTimetable
+        from ftlib.airflow.schedule import NoBacklogCronTimetable
+        dag = stored("finetune_llama3")
+        data = DagSerialization.to_dict(bag.dags["finetune_llama3"])
+        from airflow.serialization.encoders import encode_timetable
+        out["roundtrip"] = encode_timetable(DagSerialization.from_dict(data).timetable) == data["dag"]["timetable"]
+        out["stored"] = data["dag"]["timetable"]["__var"]["timetable"]
+        out["type"] = type(dag.timetable.timetable).__name__
+        point = pendulum.parse({point.isoformat()!r})
+        def ran(at):  # the last scheduled run's info, as calculate_dagrun_date_fields passes it
+            return DagRunInfo.interval(at, at)
+        def nxt(last, timetable=None):
+            if timetable is None:
+                info = dag.next_dagrun_info(last_automated_run_info=ran(last))
+            else:
+                info = timetable.next_dagrun_info(last_automated_data_interval=ran(last).data_interval,
+                                                  restriction=TimeRestriction(None, None, False))
+            return info.run_after.isoformat()
+        out["paused"] = nxt(point - timedelta(weeks=3))    # last ran 3 weeks ago, paused since
+        out["missed_one"] = nxt(point - timedelta(days=1))  # last ran at the previous point, this one missed
+        out["ran"] = nxt(point)                             # ran at this point: the next one
+        out["old"] = nxt(point - timedelta(weeks=3), CronTriggerTimetable({env["FTLIB_RETRAIN_CRON"]!r}, timezone="UTC"))
+        late = pendulum.parse({late.isoformat()!r})
+        out["late"] = nxt(late - timedelta(days=1), NoBacklogCronTimetable(f"{{late.minute}} {{late.hour}} * * *"))
+        out["catchup"] = NoBacklogCronTimetable({env["FTLIB_RETRAIN_CRON"]!r}).next_dagrun_info(
+            last_automated_data_interval=ran(point - timedelta(weeks=3)).data_interval,
+            restriction=TimeRestriction(None, None, True)).run_after.isoformat()
+    """)
+    assert out["errors"] == {}
+    nxt = point + timedelta(days=1)
+    assert {k: datetime.fromisoformat(out[k]) for k in ("paused", "missed_one", "ran")} == {
+        "paused": nxt, "missed_one": nxt, "ran": nxt}
+    assert datetime.fromisoformat(out["old"]) == point < now   # what the old schedule ran on unpause
+    assert datetime.fromisoformat(out["late"]) == late          # the scheduler a few minutes late: still runs
+    assert datetime.fromisoformat(out["catchup"]) == point - timedelta(weeks=3) + timedelta(days=1)
+    assert out["type"] == "NoBacklogCronTimetable" and out["roundtrip"]
+    assert out["stored"]["__type"] == "ftlib.airflow.schedule.NoBacklogCronTimetable"
+    assert out["stored"]["__var"]["grace"] == 300.0
 
 
 @pytest.mark.slow
