@@ -178,7 +178,7 @@ def _dvc(root: Path, *args: str) -> Any:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_dvc_env(), capture_output=True, text=True)
 
 
-def dvc_reason(conf: dict[str, Any]) -> str | None:
+def dvc_reason(conf: dict[str, Any], changed: list[str] | None = None) -> str | None:
     """Why this DAG run cannot run its stages as `dvc repro` (None: it can, and will).
 
     DVC decides from dvc.yaml, params.yaml and dvc.lock alone, so it only sees a run whose
@@ -195,7 +195,9 @@ def dvc_reason(conf: dict[str, Any]) -> str | None:
         return f"profile {profile} (its outputs go to {get_profile(profile).root}/, outside dvc.yaml's)"
     if not _is_dvc_project(root):
         return f"{root} is not a DVC project"
-    if changed := overrides(conf, conf.get("overrides")):  # reads params.yaml once
+    if changed is None:
+        changed = overrides(conf, conf.get("overrides"))  # reads params.yaml
+    if changed:
         return f"params overridden for this run ({', '.join(changed)})"
     other = [k for k, default in DVC_PATHS.items()
              if (root / (conf.get(k) or default)).resolve() != (root / default).resolve()]

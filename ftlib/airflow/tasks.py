@@ -79,8 +79,9 @@ def current() -> Run:
     form["project_dir"] = str(project)  # what dvc_reason and the pods read
     params_file = form_path(str(project), str(form.get("params_file") or DVC_PATHS["params_file"]))
     profile = get_profile(form.get("profile"))
-    extra = [*profile.overrides, *overrides(form, form.get("overrides"))]  # the form's own overrides win
-    reason = dvc_reason(form)
+    changed = overrides(form, form.get("overrides"))
+    extra = [*profile.overrides, *changed]  # the form's own overrides win
+    reason = dvc_reason(form, changed)
     if reason:
         log.info(f"calling ftlib directly, DVC's cache is not used: {reason}")
     return Run(project, form, params_file, extra, load_params(params_file, extra), reason is None, ctx, profile)
@@ -263,9 +264,9 @@ def register() -> dict[str, Any]:
 def summary() -> dict[str, Any]:
     """What this run produced and decided (also reports/summary.md): runs whether or not the gate passed."""
     run = current()
-    from ftlib.registry.summary import readable, summary as summarize
+    from ftlib.registry.summary import rows, summary as summarize
 
     s = summarize(run.path("reports_dir"), run.path("splits_dir"))
-    for k, v in s.items():
-        log.info(f"{k.replace('_', ' '):>20}: {readable(v)}")
+    for label, value in rows(s):
+        log.info(f"{label:>20}: {value}")
     return s

@@ -853,13 +853,13 @@ def serve(
 
 def _print_summary(reports: Path = Path("reports"), splits: Path = Path("data/splits")) -> None:
     """What the run produced and decided (ftlib.registry.summary, as the DAG's summary task; also reports/summary.md)."""
-    from ftlib.registry.summary import readable, summary
+    from ftlib.registry.summary import rows, summary
 
     t = Table(title=f"this run ({reports / 'summary.md'})")
     t.add_column("")
     t.add_column("", justify="right")
-    for k, v in summary(reports, splits).items():
-        t.add_row(k.replace("_", " "), readable(v))
+    for label, value in rows(summary(reports, splits)):
+        t.add_row(label, value)
     out.print(t)
 
 

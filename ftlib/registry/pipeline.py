@@ -87,6 +87,6 @@ def run_profile(params, profile, raw_dir: Path = Path("data/raw"), root: Path = 
               p.benchmark.include_base)
     log.info("[6/6] evaluate on the test split")
     evaluate(str(adapter), where["splits"] / "test.jsonl", labels=p.data.labels, task=p.data.task, template=p.template,
-             predictions_csv=where["reports"] / "predictions.csv", progress=False,
+             predictions_csv=where["reports"] / "predictions.csv", progress=True,
              metrics_json=where["reports"] / "metrics.json", confusion_png=where["reports"] / "plots" / "confusion_matrix.png")
     return {**where, "adapter": adapter}

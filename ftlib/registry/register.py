@@ -191,13 +191,18 @@ def baseline_scores(params: Params, data_dir: Path) -> dict[str, float] | None:
     return {"score": b["accuracy"], "f1": b["f1_macro"]}
 
 
+def metric_name(params: Params) -> str:
+    """The gate's headline metric: accuracy for classification, exact match for generation."""
+    return "accuracy" if params.data.task == "classification" else "exact_match"
+
+
 def decide(params: Params, candidate_metrics: dict[str, Any], test_file: Path, key: str,
            rescore: Callable[[str], dict[str, float]] | None = None, adapter: Path | None = None) -> Gate:
     """Apply the gate. `rescore(model)` scores a model (the base model, or the champion as a models:/ URI)
     on test_file; default: score_model. With `adapter`, metrics that were not computed on its weights and
     this test split are refused. The TF-IDF baseline trains on train.jsonl next to test_file."""
     cfg = params.register
-    metric = "accuracy" if params.data.task == "classification" else "exact_match"
+    metric = metric_name(params)
     f1_name = "f1_macro" if params.data.task == "classification" else "chrf/100"
     cand = primary_metrics(params, candidate_metrics)
     rescore = rescore or (lambda m: score_model(m, params, test_file))
@@ -309,7 +314,7 @@ def gate(params: Params, metrics_file: Path = Path("reports/metrics.json"), data
                    if str(v) == str(existing.version)]
         passed = existing.tags.get("ftlib.gate") == "passed"
         g = Gate(passed, [] if passed else [existing.tags.get("ftlib.gate.reason", "failed the gate")],
-                 "accuracy" if params.data.task == "classification" else "exact_match",
+                 metric_name(params),
                  primary_metrics(params, json.loads(metrics_file.read_text())), None, {}, key, run_id=existing.run_id,
                  already=f"v{existing.version}" + "".join(f" (@{a})" for a in sorted(aliases)))
         if out is not None:

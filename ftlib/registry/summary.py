@@ -31,9 +31,14 @@ def summary(reports: Path, splits: Path) -> dict[str, Any]:
         "q8_0_decode_ratio": bench.get("ratio"), "shipped_gguf": shipped,
     }
     lines = ["# ftlib run summary", "", "| | |", "|---|---|"]
-    lines += [f"| {k.replace('_', ' ')} | {readable(v)} |" for k, v in s.items()]
+    lines += [f"| {k} | {v} |" for k, v in rows(s)]
     write_text(reports / "summary.md", "\n".join(lines) + "\n")
     return s
+
+
+def rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) of each summary entry as a person reads them: summary.md, the CLI table, the task log."""
+    return [(k.replace("_", " "), readable(v)) for k, v in s.items()]
 
 
 def readable(v: Any) -> str:

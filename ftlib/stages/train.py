@@ -539,7 +539,6 @@ class Tracker(TrainerCallback):
 
         if not on_terminal():
             self.lines = ProgressLines(log, "training", state.max_steps)
-            self.lines.done = state.global_step  # a resumed run counts from its checkpoint
         run = mlflow.active_run()
         if run is None:
             return
@@ -574,6 +573,7 @@ class Tracker(TrainerCallback):
         logs.update({k: round(v, 3) for k, v in metrics.items()})  # shown in the progress log
         if self.lines is not None:
             self.lines.what = f"training (loss {float(logs['loss']):.3f}, {metrics['examples_per_s']:.1f} examples/s) step"
+            self.lines.done = state.global_step - steps  # the Trainer's count (a resumed run starts mid-way)
             self.lines(steps)
         self.history.append({"step": state.global_step, **metrics})
         if mlflow.active_run() is not None:
